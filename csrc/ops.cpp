@@ -1,0 +1,33 @@
+// The one schema file of remoe_engine._C: every op the extension registers is declared here, with
+// its contract in one comment. Kernels live in per-area folders and register themselves with
+// TORCH_LIBRARY_IMPL(remoe, CPU|CUDA, m), so a CPU-only build simply leaves the .cu files out.
+
+#include <Python.h>
+#include <torch/library.h>
+
+// Python imports `remoe_engine._C` only to load this library and run the registrations below;
+// the module has no attributes of its own (ops are reached through torch.ops.remoe).
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "remoe-engine compiled ops (see torch.ops.remoe)", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(remoe, m) {
+  // Fused router top-k. logits [T, E] (fp32/bf16/fp16) -> (weights [T, K] fp32, ids [T, K] int64).
+  // scoring: "softmax" | "sigmoid" | "softmax_over_topk" (GPT-OSS: top-k on logits, softmax over the
+  // chosen k). Scores are computed in fp32. The selection score is score + correction_bias[e]
+  // + reuse_bias * prefer[t?, e]; weights always come from the unbiased score. Group-limited
+  // selection keeps the topk_group best of n_group equal groups, ranked by group_score "max"
+  // (DeepSeek-V2) or "top2_sum" (DeepSeek-V3). Ranking: larger first, ties -> lower expert id,
+  // NaN ranks below every number (NaN weights then show a broken row instead of hiding it).
+  // ids are sorted by selection score. renormalize divides by the sum of the chosen weights
+  // (ignored for softmax_over_topk, already normalized); then weights *= routed_scaling.
+  m.def(
+      "route_topk(Tensor logits, int top_k, str scoring, bool renormalize, Tensor? prefer, "
+      "float reuse_bias, Tensor? correction_bias, int n_group, int topk_group, str group_score, "
+      "float routed_scaling) -> (Tensor weights, Tensor ids)");
+}

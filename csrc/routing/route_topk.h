@@ -1,0 +1,55 @@
+// Shared by the CPU and CUDA route_topk kernels: the parsed, validated arguments and the ranking
+// rule both backends implement bit for bit.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string_view>
+
+namespace remoe {
+
+enum class Scoring : int32_t { kSoftmax = 0, kSigmoid = 1, kSoftmaxOverTopk = 2 };
+enum class GroupScore : int32_t { kMax = 0, kTop2Sum = 1 };
+
+// Everything a kernel needs besides the data pointers, in plain types so it can be passed by value
+// to a CUDA kernel.
+struct RouteTopkParams {
+  int64_t num_tokens;     // T
+  int64_t num_experts;    // E
+  int64_t top_k;          // K
+  int64_t n_group;        // groups for group-limited selection (1 = off)
+  int64_t topk_group;     // groups kept
+  Scoring scoring;
+  GroupScore group_score;
+  bool renormalize;
+  bool has_prefer;
+  bool prefer_per_token;  // prefer is [T, E] rather than [E]
+  bool has_correction_bias;
+  float reuse_bias;
+  float routed_scaling;
+};
+
+// Validates every input (messages show the values received) and returns the parsed parameters.
+RouteTopkParams check_route_topk_inputs(const at::Tensor& logits, int64_t top_k,
+                                        std::string_view scoring, bool renormalize,
+                                        const std::optional<at::Tensor>& prefer, double reuse_bias,
+                                        const std::optional<at::Tensor>& correction_bias,
+                                        int64_t n_group, int64_t topk_group,
+                                        std::string_view group_score, double routed_scaling);
+
+// The ranking rule: larger value first, NaN below every number, ties -> lower id.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline bool ranks_before(float a, int64_t a_id, float b, int64_t b_id) {
+  const bool a_nan = a != a;
+  const bool b_nan = b != b;
+  if (a_nan != b_nan) return b_nan;
+  if (!a_nan && a != b) return a > b;
+  return a_id < b_id;
+}
+
+}  // namespace remoe

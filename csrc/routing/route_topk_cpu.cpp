@@ -1,0 +1,267 @@
+// CPU kernel of remoe::route_topk: one pass per token row, parallel over tokens.
+//
+// Legend: T = tokens, E = experts, K = top-k, G = n_group.
+// Per row: fp32 scores (softmax / sigmoid / raw logits) -> selection score (+ correction bias
+// + reuse bias on preferred experts) -> optional group mask -> top-K by insertion into a sorted
+// K-buffer (K is small, E is at most a few hundred) -> weights from the unbiased scores.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "route_topk.h"
+
+namespace remoe {
+namespace {
+
+// exp(x) in fp32 with about 1 ulp error, written branch-free so the row loop vectorizes
+// (Cephes-style range reduction plus a degree-6 polynomial). exp(-inf) = 0, exp(+inf) = inf and
+// exp(nan) = nan, as std::exp.
+inline float exp_approx(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kMaxArg = 88.3762626647949f;
+  constexpr float kMinArg = -87.3365447504019f;  // below this the result is subnormal: flush to 0
+  float xc = x < kMinArg ? kMinArg : x;
+  xc = xc > kMaxArg ? kMaxArg : xc;
+  xc = xc != xc ? 0.0f : xc;  // keep the integer conversion below well defined for NaN
+  const float n = __builtin_floorf(xc * kLog2e + 0.5f);
+  float r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float result = y * scale;
+  result = x < kMinArg ? 0.0f : result;
+  result = x > kMaxArg ? std::numeric_limits<float>::infinity() : result;
+  result = x != x ? x : result;
+  return result;
+}
+
+// out[e] = exp(in[e] - shift). Compiled twice (AVX2+FMA and baseline x86-64) and picked at load
+// time, so one wheel runs everywhere and recent CPUs get 8-wide exps.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2,fma", "default")))
+#endif
+void exp_shifted_row(const float* in, float shift, float* out, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e] = exp_approx(in[e] - shift);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2,fma", "default")))
+#endif
+void sigmoid_row(const float* in, float* out, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e] = 1.0f / (1.0f + exp_approx(-in[e]));
+}
+
+// Per-thread scratch, sized once per parallel chunk.
+struct RowScratch {
+  std::vector<float> x;       // [E] logits as fp32
+  std::vector<float> score;   // [E] unbiased scores (weights come from here)
+  std::vector<float> select;  // [E] selection scores
+  std::vector<uint8_t> keep;  // [E] 1 = candidate (group mask)
+  std::vector<float> group;   // [G] group scores
+  std::vector<uint8_t> group_keep;  // [G]
+  explicit RowScratch(int64_t E, int64_t G)
+      : x(E), score(E), select(E), keep(E, 1), group(G), group_keep(G) {}
+};
+
+// Inserts (value, id) into the sorted buffer (best first) of capacity `cap` holding `*count`.
+inline void insert_ranked(float value, int64_t id, float* vals, int64_t* ids, int64_t* count,
+                          int64_t cap) {
+  int64_t i = *count < cap ? *count : cap - 1;
+  if (*count == cap && !ranks_before(value, id, vals[cap - 1], ids[cap - 1])) return;
+  while (i > 0 && ranks_before(value, id, vals[i - 1], ids[i - 1])) {
+    vals[i] = vals[i - 1];
+    ids[i] = ids[i - 1];
+    --i;
+  }
+  vals[i] = value;
+  ids[i] = id;
+  if (*count < cap) ++*count;
+}
+
+template <typename scalar_t>
+void route_topk_rows(const scalar_t* logits,          // [T, E]
+                     const bool* prefer,              // [E] or [T, E] or null
+                     const float* correction_bias,    // [E] or null
+                     float* weights,                  // [T, K]
+                     int64_t* ids,                    // [T, K]
+                     const RouteTopkParams& p, int64_t begin, int64_t end) {
+  const int64_t E = p.num_experts;
+  const int64_t K = p.top_k;
+  const int64_t G = p.n_group;
+  const int64_t group_size = E / G;
+  RowScratch s(E, G);
+  std::vector<float> top_val(K);
+
+  for (int64_t t = begin; t < end; ++t) {
+    const scalar_t* row = logits + t * E;
+    float* x = s.x.data();
+    for (int64_t e = 0; e < E; ++e) x[e] = static_cast<float>(row[e]);
+
+    // 1. Unbiased fp32 scores.
+    float* score = s.score.data();
+    if (p.scoring == Scoring::kSoftmax) {
+      // NaN anywhere makes the whole row NaN, as torch.softmax does.
+      float row_max = -std::numeric_limits<float>::infinity();
+      bool any_nan = false;
+      for (int64_t e = 0; e < E; ++e) {
+        any_nan |= x[e] != x[e];
+        row_max = x[e] > row_max ? x[e] : row_max;
+      }
+      if (any_nan) row_max = std::numeric_limits<float>::quiet_NaN();
+      exp_shifted_row(x, row_max, score, E);
+      float sum = 0.0f;
+      for (int64_t e = 0; e < E; ++e) sum += score[e];
+      const float inv = 1.0f / sum;
+      for (int64_t e = 0; e < E; ++e) score[e] *= inv;
+    } else if (p.scoring == Scoring::kSigmoid) {
+      sigmoid_row(x, score, E);
+    } else {
+      std::memcpy(score, x, sizeof(float) * E);
+    }
+
+    // 2. Selection scores: biases move the choice, never the weights.
+    const float* sel = score;
+    if (p.has_prefer || p.has_correction_bias) {
+      float* select = s.select.data();
+      const bool* pref = p.has_prefer ? prefer + (p.prefer_per_token ? t * E : 0) : nullptr;
+      for (int64_t e = 0; e < E; ++e) {
+        float v = score[e];
+        if (correction_bias != nullptr) v += correction_bias[e];
+        if (pref != nullptr && pref[e]) v += p.reuse_bias;
+        select[e] = v;
+      }
+      sel = select;
+    }
+
+    // 3. Group-limited selection (DeepSeek): keep the topk_group best groups.
+    const uint8_t* keep = nullptr;
+    if (G > 1) {
+      for (int64_t g = 0; g < G; ++g) {
+        float best[2];
+        int64_t best_id[2];
+        int64_t n = 0;
+        for (int64_t j = 0; j < group_size; ++j) {
+          const int64_t e = g * group_size + j;
+          insert_ranked(sel[e], e, best, best_id, &n, 2);
+        }
+        s.group[g] = p.group_score == GroupScore::kMax ? best[0] : best[0] + best[1];
+      }
+      float gval[64];
+      int64_t gid[64];
+      std::vector<float> gval_big;
+      std::vector<int64_t> gid_big;
+      float* gv = gval;
+      int64_t* gi = gid;
+      if (p.topk_group > 64) {
+        gval_big.resize(p.topk_group);
+        gid_big.resize(p.topk_group);
+        gv = gval_big.data();
+        gi = gid_big.data();
+      }
+      int64_t n = 0;
+      for (int64_t g = 0; g < G; ++g) insert_ranked(s.group[g], g, gv, gi, &n, p.topk_group);
+      std::fill(s.keep.begin(), s.keep.end(), 0);
+      for (int64_t i = 0; i < n; ++i) {
+        std::fill(s.keep.begin() + gi[i] * group_size, s.keep.begin() + (gi[i] + 1) * group_size,
+                  1);
+      }
+      keep = s.keep.data();
+    }
+
+    // 4. Top-K by the ranking rule (ties -> lower id, NaN last).
+    int64_t* out_ids = ids + t * K;
+    int64_t count = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      if (keep != nullptr && !keep[e]) continue;
+      insert_ranked(sel[e], e, top_val.data(), out_ids, &count, K);
+    }
+
+    // 5. Weights from the unbiased scores.
+    float* out_w = weights + t * K;
+    if (p.scoring == Scoring::kSoftmaxOverTopk) {
+      float m = -std::numeric_limits<float>::infinity();
+      bool any_nan = false;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = x[out_ids[k]];
+        any_nan |= v != v;
+        m = v > m ? v : m;
+      }
+      if (any_nan) m = std::numeric_limits<float>::quiet_NaN();
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        out_w[k] = exp_approx(x[out_ids[k]] - m);
+        sum += out_w[k];
+      }
+      for (int64_t k = 0; k < K; ++k) out_w[k] /= sum;
+    } else {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        out_w[k] = score[out_ids[k]];
+        sum += out_w[k];
+      }
+      if (p.renormalize) {
+        for (int64_t k = 0; k < K; ++k) out_w[k] /= sum;
+      }
+    }
+    if (p.routed_scaling != 1.0f) {
+      for (int64_t k = 0; k < K; ++k) out_w[k] *= p.routed_scaling;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> route_topk_cpu(
+    const at::Tensor& logits, int64_t top_k, c10::string_view scoring, bool renormalize,
+    const std::optional<at::Tensor>& prefer, double reuse_bias,
+    const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
+    c10::string_view group_score, double routed_scaling) {
+  const RouteTopkParams p =
+      check_route_topk_inputs(logits, top_k, scoring, renormalize, prefer, reuse_bias,
+                              correction_bias, n_group, topk_group, group_score, routed_scaling);
+  const at::Tensor logits_c = logits.contiguous();
+  const at::Tensor prefer_c = p.has_prefer ? prefer->contiguous() : at::Tensor();
+  const at::Tensor bias_c = p.has_correction_bias ? correction_bias->contiguous() : at::Tensor();
+  at::Tensor weights = at::empty({p.num_tokens, p.top_k}, logits.options().dtype(at::kFloat));
+  at::Tensor ids = at::empty({p.num_tokens, p.top_k}, logits.options().dtype(at::kLong));
+  if (p.num_tokens == 0) return {weights, ids};
+
+  const bool* prefer_ptr = p.has_prefer ? prefer_c.data_ptr<bool>() : nullptr;
+  const float* bias_ptr = p.has_correction_bias ? bias_c.data_ptr<float>() : nullptr;
+  // A row costs about 10 ns per expert; keep chunks big enough to amortize a task dispatch.
+  const int64_t grain = std::max<int64_t>(1, 16384 / p.num_experts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits_c.scalar_type(), "route_topk_cpu",
+                                  [&] {
+                                    const scalar_t* lp = logits_c.data_ptr<scalar_t>();
+                                    float* wp = weights.data_ptr<float>();
+                                    int64_t* ip = ids.data_ptr<int64_t>();
+                                    at::parallel_for(0, p.num_tokens, grain,
+                                                     [&](int64_t begin, int64_t end) {
+                                                       route_topk_rows<scalar_t>(
+                                                           lp, prefer_ptr, bias_ptr, wp, ip, p,
+                                                           begin, end);
+                                                     });
+                                  });
+  return {weights, ids};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(remoe, CPU, m) { m.impl("route_topk", &route_topk_cpu); }
+
+}  // namespace remoe

@@ -1,0 +1,280 @@
+// CUDA kernel of remoe::route_topk: one warp per token row.
+//
+// Legend: T = tokens, E = experts, K = top-k, G = n_group.
+// A warp stages the row's fp32 scores (and biased selection scores) in shared memory, keeps the
+// topk_group best groups, then picks the K winners in K rounds of a warp-wide arg-best. Round r
+// only considers entries ranked strictly after round r-1's winner under the total order
+// (value desc, NaN last, id asc), so nothing needs to be marked as taken. Decode has T = 1..B, so
+// the kernel is latency-bound: no block-wide syncs, no atomics, no host syncs.
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include "route_topk.h"
+
+namespace remoe {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+// Shared memory a block may use without opting in to more.
+constexpr int64_t kSharedBudget = 40 * 1024;
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  }
+  return v;
+}
+
+// Warp-wide best (value, id) under ranks_before; every lane gets the winner.
+__device__ __forceinline__ void warp_best(float& value, int& id) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const float other_value = __shfl_xor_sync(kFullMask, value, offset);
+    const int other_id = __shfl_xor_sync(kFullMask, id, offset);
+    if (ranks_before(other_value, other_id, value, id)) {
+      value = other_value;
+      id = other_id;
+    }
+  }
+}
+
+// A lane with no candidate offers NaN with an id past every real one: it ranks last.
+__device__ __forceinline__ void no_candidate(float& value, int& id, int limit) {
+  value = __int_as_float(0x7fc00000);
+  id = limit + static_cast<int>(threadIdx.x % kWarpSize);
+}
+
+template <typename scalar_t>
+__global__ void route_topk_kernel(const scalar_t* __restrict__ logits,        // [T, E]
+                                  const bool* __restrict__ prefer,            // [E] | [T, E] | null
+                                  const float* __restrict__ correction_bias,  // [E] | null
+                                  float* __restrict__ weights,                // [T, K]
+                                  int64_t* __restrict__ ids,                  // [T, K]
+                                  const RouteTopkParams p) {
+  extern __shared__ float shared[];
+  const int E = static_cast<int>(p.num_experts);
+  const int K = static_cast<int>(p.top_k);
+  const int G = static_cast<int>(p.n_group);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const bool biased = p.has_prefer || p.has_correction_bias;
+  // Per warp: score [E], select [E] when biased, group scores [G], group kept flags [G].
+  const int per_warp = E + (biased ? E : 0) + 2 * G;
+  float* score = shared + warp * per_warp;
+  float* select = biased ? score + E : score;
+  float* group_score = select + E;
+  float* group_kept = group_score + G;
+
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + warp;
+  if (t >= p.num_tokens) return;  // whole warps exit together, so the shuffles below stay full
+  const scalar_t* row = logits + t * E;
+
+  // 1. Unbiased fp32 scores.
+  if (p.scoring == Scoring::kSoftmax) {
+    float row_max = -INFINITY;
+    bool any_nan = false;
+    for (int e = lane; e < E; e += kWarpSize) {
+      const float x = static_cast<float>(row[e]);
+      any_nan |= x != x;
+      row_max = fmaxf(row_max, x);
+    }
+    row_max = warp_max(row_max);
+    // NaN anywhere makes the whole row NaN, as torch.softmax does.
+    if (__any_sync(kFullMask, any_nan)) row_max = __int_as_float(0x7fc00000);
+    float sum = 0.0f;
+    for (int e = lane; e < E; e += kWarpSize) {
+      const float v = expf(static_cast<float>(row[e]) - row_max);
+      score[e] = v;
+      sum += v;
+    }
+    const float inv = 1.0f / warp_sum(sum);
+    for (int e = lane; e < E; e += kWarpSize) score[e] *= inv;
+  } else if (p.scoring == Scoring::kSigmoid) {
+    for (int e = lane; e < E; e += kWarpSize) {
+      score[e] = 1.0f / (1.0f + expf(-static_cast<float>(row[e])));
+    }
+  } else {
+    for (int e = lane; e < E; e += kWarpSize) score[e] = static_cast<float>(row[e]);
+  }
+
+  // 2. Selection scores: biases move the choice, never the weights.
+  if (biased) {
+    const bool* pref = p.has_prefer ? prefer + (p.prefer_per_token ? t * E : 0) : nullptr;
+    for (int e = lane; e < E; e += kWarpSize) {
+      float v = score[e];
+      if (correction_bias != nullptr) v += correction_bias[e];
+      if (pref != nullptr && pref[e]) v += p.reuse_bias;
+      select[e] = v;
+    }
+  }
+  __syncwarp();
+
+  // 3. Group-limited selection (DeepSeek): keep the topk_group best groups.
+  const int group_size = E / G;
+  if (G > 1) {
+    for (int g = lane; g < G; g += kWarpSize) {
+      float best0, best1;
+      int id0, id1;
+      no_candidate(best0, id0, E);
+      no_candidate(best1, id1, E);
+      for (int j = 0; j < group_size; ++j) {
+        const int e = g * group_size + j;
+        const float v = select[e];
+        if (ranks_before(v, e, best0, id0)) {
+          best1 = best0;
+          id1 = id0;
+          best0 = v;
+          id0 = e;
+        } else if (ranks_before(v, e, best1, id1)) {
+          best1 = v;
+          id1 = e;
+        }
+      }
+      group_score[g] = p.group_score == GroupScore::kMax ? best0 : best0 + best1;
+      group_kept[g] = 0.0f;
+    }
+    __syncwarp();
+    float prev_value = 0.0f;
+    int prev_id = -1;
+    for (int round = 0; round < p.topk_group; ++round) {
+      float value;
+      int id;
+      no_candidate(value, id, G);
+      for (int g = lane; g < G; g += kWarpSize) {
+        const float v = group_score[g];
+        const bool after_prev = prev_id < 0 || ranks_before(prev_value, prev_id, v, g);
+        if (after_prev && ranks_before(v, g, value, id)) {
+          value = v;
+          id = g;
+        }
+      }
+      warp_best(value, id);
+      if (lane == 0) group_kept[id] = 1.0f;
+      prev_value = value;
+      prev_id = id;
+    }
+    __syncwarp();
+  }
+
+  // 4. Top-K in K rounds; lane 0 writes each winner.
+  int64_t* out_ids = ids + t * K;
+  float* out_w = weights + t * K;
+  float prev_value = 0.0f;
+  int prev_id = -1;
+  for (int round = 0; round < K; ++round) {
+    float value;
+    int id;
+    no_candidate(value, id, E);
+    for (int e = lane; e < E; e += kWarpSize) {
+      if (G > 1 && group_kept[e / group_size] == 0.0f) continue;
+      const float v = select[e];
+      const bool after_prev = prev_id < 0 || ranks_before(prev_value, prev_id, v, e);
+      if (after_prev && ranks_before(v, e, value, id)) {
+        value = v;
+        id = e;
+      }
+    }
+    warp_best(value, id);
+    if (lane == 0) out_ids[round] = id;
+    prev_value = value;
+    prev_id = id;
+  }
+
+  // 5. Weights from the unbiased scores (lane 0 alone: K is small).
+  if (lane == 0) {
+    if (p.scoring == Scoring::kSoftmaxOverTopk) {
+      float m = -INFINITY;
+      bool any_nan = false;
+      for (int k = 0; k < K; ++k) {
+        const float v = score[out_ids[k]];
+        any_nan |= v != v;
+        m = fmaxf(m, v);
+      }
+      if (any_nan) m = __int_as_float(0x7fc00000);
+      float sum = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        out_w[k] = expf(score[out_ids[k]] - m);
+        sum += out_w[k];
+      }
+      for (int k = 0; k < K; ++k) out_w[k] /= sum;
+    } else {
+      float sum = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        out_w[k] = score[out_ids[k]];
+        sum += out_w[k];
+      }
+      if (p.renormalize) {
+        for (int k = 0; k < K; ++k) out_w[k] /= sum;
+      }
+    }
+    if (p.routed_scaling != 1.0f) {
+      for (int k = 0; k < K; ++k) out_w[k] *= p.routed_scaling;
+    }
+  }
+}
+
+template <typename scalar_t>
+void launch_route_topk(const at::Tensor& logits, const bool* prefer, const float* correction_bias,
+                       at::Tensor& weights, at::Tensor& ids, const RouteTopkParams& p,
+                       cudaStream_t stream) {
+  const bool biased = p.has_prefer || p.has_correction_bias;
+  const int64_t per_warp_bytes =
+      sizeof(float) * (p.num_experts * (biased ? 2 : 1) + 2 * p.n_group);
+  const int64_t warps = std::max<int64_t>(1, std::min<int64_t>(8, kSharedBudget / per_warp_bytes));
+  const int64_t blocks = (p.num_tokens + warps - 1) / warps;
+  route_topk_kernel<scalar_t><<<blocks, warps * kWarpSize, warps * per_warp_bytes, stream>>>(
+      logits.data_ptr<scalar_t>(), prefer, correction_bias, weights.data_ptr<float>(),
+      ids.data_ptr<int64_t>(), p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> route_topk_cuda(
+    const at::Tensor& logits, int64_t top_k, c10::string_view scoring, bool renormalize,
+    const std::optional<at::Tensor>& prefer, double reuse_bias,
+    const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
+    c10::string_view group_score, double routed_scaling) {
+  const RouteTopkParams p =
+      check_route_topk_inputs(logits, top_k, scoring, renormalize, prefer, reuse_bias,
+                              correction_bias, n_group, topk_group, group_score, routed_scaling);
+  const bool biased = p.has_prefer || p.has_correction_bias;
+  const int64_t per_warp_bytes =
+      sizeof(float) * (p.num_experts * (biased ? 2 : 1) + 2 * p.n_group);
+  TORCH_CHECK(per_warp_bytes <= kSharedBudget, "route_topk (CUDA): ", p.num_experts,
+              " experts need ", per_warp_bytes, " bytes of shared memory per token, more than the ",
+              kSharedBudget, " this kernel uses");
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor logits_c = logits.contiguous();
+  const at::Tensor prefer_c = p.has_prefer ? prefer->contiguous() : at::Tensor();
+  const at::Tensor bias_c = p.has_correction_bias ? correction_bias->contiguous() : at::Tensor();
+  at::Tensor weights = at::empty({p.num_tokens, p.top_k}, logits.options().dtype(at::kFloat));
+  at::Tensor ids = at::empty({p.num_tokens, p.top_k}, logits.options().dtype(at::kLong));
+  if (p.num_tokens == 0) return {weights, ids};
+  const bool* prefer_ptr = p.has_prefer ? prefer_c.data_ptr<bool>() : nullptr;
+  const float* bias_ptr = p.has_correction_bias ? bias_c.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits_c.scalar_type(),
+                                  "route_topk_cuda", [&] {
+                                    launch_route_topk<scalar_t>(logits_c, prefer_ptr, bias_ptr,
+                                                                weights, ids, p, stream);
+                                  });
+  return {weights, ids};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(remoe, CUDA, m) { m.impl("route_topk", &route_topk_cuda); }
+
+}  // namespace remoe

@@ -1,0 +1,176 @@
+"""The one place that knows Hugging Face MoE families.
+
+Each family maps to its routing spec (what `route_topk` must do to reproduce the family's router
+exactly), its router attribute, and its on-disk expert key layout. Everything else (the router
+swap, the expert computation, the store, the tracer, fine-tuning) asks this module and stays
+generic. A new family is one entry in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """The arguments of `remoe_engine.ops.route_topk` that reproduce a family's router."""
+
+    top_k: int
+    scoring: str = "softmax"  # "softmax" | "sigmoid" | "softmax_over_topk"
+    renormalize: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"  # "max" (DeepSeek-V2) | "top2_sum" (DeepSeek-V3)
+    routed_scaling: float = 1.0
+    # Name of the router's buffer added to the selection score only (DeepSeek-V3).
+    correction_bias_attr: str | None = None
+    # HF returns the weights in the logits' dtype (Qwen, OLMoE, GPT-OSS) or keeps fp32 (Mixtral,
+    # DeepSeek); the patched router must hand the experts the same dtype.
+    weights_in_logits_dtype: bool = True
+
+    def op_kwargs(self, router: nn.Module | None = None) -> dict[str, Any]:
+        """Keyword arguments for `route_topk` (minus logits and prefer/reuse_bias)."""
+        correction_bias = None
+        if self.correction_bias_attr is not None and router is not None:
+            correction_bias = getattr(router, self.correction_bias_attr).float()
+        return dict(
+            scoring=self.scoring, renormalize=self.renormalize, correction_bias=correction_bias,
+            n_group=self.n_group, topk_group=self.topk_group, group_score=self.group_score,
+            routed_scaling=self.routed_scaling,
+        )
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers MoE family routes, where its router is, and how it stores experts."""
+
+    model_type: str
+    router_attr: str  # attribute of the MoE block holding the router module
+    routing: Callable[[Any], RoutingSpec]  # config -> spec
+    # On-disk expert layout: "per_expert" (`...experts.{E}.{gate,up,down}_proj.weight`),
+    # "mixtral" (`block_sparse_moe.experts.{E}.w1/w3/w2`) or "fused" (GPT-OSS).
+    disk_layout: str = "per_expert"
+
+
+def _softmax_topk(config, *, renormalize: bool | None = None, fp32_weights: bool = False):
+    norm = getattr(config, "norm_topk_prob", False) if renormalize is None else renormalize
+    return RoutingSpec(top_k=config.num_experts_per_tok, scoring="softmax", renormalize=bool(norm),
+                       weights_in_logits_dtype=not fp32_weights)
+
+
+def _deepseek_v2(config) -> RoutingSpec:
+    # norm_topk_prob is ignored by transformers' DeepSeek-V2 router; group max only in
+    # group_limited_greedy.
+    grouped = config.topk_method == "group_limited_greedy"
+    return RoutingSpec(
+        top_k=config.num_experts_per_tok, scoring="softmax", renormalize=False,
+        n_group=config.n_group if grouped else 1, topk_group=config.topk_group if grouped else 1,
+        group_score="max", routed_scaling=float(config.routed_scaling_factor),
+        weights_in_logits_dtype=False,
+    )
+
+
+def _deepseek_v3(config) -> RoutingSpec:
+    return RoutingSpec(
+        top_k=config.num_experts_per_tok, scoring="sigmoid",
+        renormalize=bool(config.norm_topk_prob), n_group=config.n_group,
+        topk_group=config.topk_group, group_score="top2_sum",
+        routed_scaling=float(config.routed_scaling_factor),
+        correction_bias_attr="e_score_correction_bias", weights_in_logits_dtype=False,
+    )
+
+
+def _gpt_oss(config) -> RoutingSpec:
+    return RoutingSpec(top_k=config.num_experts_per_tok, scoring="softmax_over_topk")
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in [
+        Family("qwen2_moe", "gate", _softmax_topk),
+        Family("qwen3_moe", "gate", _softmax_topk),
+        Family("qwen3_next", "gate", _softmax_topk),
+        Family("olmoe", "gate", _softmax_topk),
+        Family("mixtral", "gate",
+               lambda c: _softmax_topk(c, renormalize=True, fp32_weights=True), "mixtral"),
+        Family("deepseek_v2", "gate", _deepseek_v2),
+        Family("deepseek_v3", "gate", _deepseek_v3),
+        Family("gpt_oss", "router", _gpt_oss, "fused"),
+    ]
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def family_of(config) -> Family:
+    """The Family of a transformers config (its text config for multimodal models).
+
+    Raises:
+        NotImplementedError: naming the model type and listing the supported ones.
+    """
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    model_type = getattr(text_config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise NotImplementedError(
+            f"remoe-engine does not support MoE family {model_type!r} "
+            f"({type(config).__name__}); supported: {', '.join(supported_model_types())}"
+        )
+    return FAMILIES[model_type]
+
+
+@dataclass
+class MoEBlock:
+    """One MoE block of a model, as found by `find_moe_blocks`."""
+
+    layer_idx: int
+    name: str  # module path of the block, e.g. "model.layers.3.mlp"
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+
+
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """Every MoE block of a transformers v5 model, in layer order.
+
+    A block is a module with an `experts` child carrying the fused-experts markers that
+    `use_experts_implementation` sets, and a router at the family's router attribute.
+    """
+    family = family_of(model.config)
+    blocks = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        if experts is None or not all(
+            hasattr(experts, attr) for attr in ("has_gate", "is_transposed", "num_experts")
+        ):
+            continue
+        router = getattr(module, family.router_attr, None)
+        if router is None:
+            continue
+        match = _LAYER_RE.search(name + ".")
+        layer_idx = int(match.group(1)) if match else len(blocks)
+        blocks.append(MoEBlock(layer_idx, name, module, router, experts))
+    return blocks
+
+
+def iter_routers(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+    """(layer index, router module) for every MoE block."""
+    for block in find_moe_blocks(model):
+        yield block.layer_idx, block.router
+
+
+def routing_spec(model_or_config) -> RoutingSpec:
+    """The RoutingSpec of a model or config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    return family_of(config).routing(text_config)
+

@@ -1,0 +1,129 @@
+"""Typed wrappers over the compiled ops in `torch.ops.remoe`, with their fake kernels.
+
+Importing this module loads `remoe_engine._C` (which registers the ops with the dispatcher) and
+registers fake (meta) kernels so `torch.compile(fullgraph=True)` can trace every op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from remoe_engine import _C  # noqa: F401  (loads the library: registers torch.ops.remoe.*)
+
+__all__ = ["route_topk", "cuda_kernels_built"]
+
+_route_topk = torch.ops.remoe.route_topk.default
+
+
+def route_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    prefer: torch.Tensor | None = None,
+    reuse_bias: float = 0.0,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "max",
+    routed_scaling: float = 1.0,
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused MoE router top-k with an optional cache-aware reuse bias.
+
+    Covers the routing of every MoE family in transformers: Qwen/OLMoE/Mixtral (softmax, with or
+    without renormalization), DeepSeek-V2 (softmax, group max, scaling), DeepSeek-V3 and Qwen3-Next
+    style sigmoid routers (correction bias, group top-2 sum, renormalize, scaling) and GPT-OSS
+    (`scoring="softmax_over_topk"`).
+
+    Args:
+        logits: router logits [T, E], float32 / bfloat16 / float16. Scores are computed in fp32.
+        top_k: experts per token K, 1 <= K <= E.
+        scoring: "softmax", "sigmoid", or "softmax_over_topk" (top-k on the logits, then a
+            softmax over the K chosen logits).
+        renormalize: divide the chosen weights by their sum (ignored for "softmax_over_topk").
+        prefer: bool [E] or [T, E]: experts that get `reuse_bias` added to their selection score,
+            e.g. experts resident in the cache or chosen by the previous token.
+        reuse_bias: added to the selection score of preferred experts, in the units of the score
+            (probability for softmax/sigmoid, logit for softmax_over_topk). It changes which
+            experts are chosen, never the returned weights.
+        correction_bias: float32 [E] added to the selection score only (DeepSeek-V3
+            `e_score_correction_bias`).
+        n_group, topk_group: group-limited selection: the E experts form n_group equal groups and
+            only the topk_group best groups are eligible.
+        group_score: how a group ranks: "max" of its selection scores (DeepSeek-V2) or
+            "top2_sum", the sum of its two best (DeepSeek-V3).
+        routed_scaling: the weights are multiplied by it last.
+        check_finite: raise ValueError naming the first token and expert whose logit is NaN or
+            +inf. Off by default because on CUDA it costs a host sync.
+
+    Returns:
+        weights [T, K] float32 and ids [T, K] int64. ids are in ranking order of the selection
+        score: larger first, ties to the lower expert id, NaN after every number (so a row with
+        NaN logits routes deterministically and its NaN weights keep it visibly broken).
+    """
+    if check_finite:
+        _check_finite(logits)
+    return _route_topk(
+        logits, top_k, scoring, renormalize, prefer, float(reuse_bias), correction_bias,
+        n_group, topk_group, group_score, float(routed_scaling),
+    )
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    bad = torch.isnan(logits) | torch.isposinf(logits)
+    # Host sync: only when the caller asked for the check.
+    if bool(bad.any()):
+        token, expert = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"route_topk: logits[{token}, {expert}] = {logits[token, expert].item()} "
+            "(NaN or +inf): the router produced non-finite scores"
+        )
+
+
+def cuda_kernels_built() -> bool:
+    """Whether this build of remoe_engine._C contains the CUDA kernels (asks the dispatcher)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("remoe::route_topk", "CUDA")
+
+
+@torch.library.register_fake("remoe::route_topk")
+def _route_topk_fake(logits, top_k, scoring, renormalize, prefer, reuse_bias, correction_bias,
+                     n_group, topk_group, group_score, routed_scaling):
+    torch._check(logits.dim() == 2, lambda: "route_topk: logits must be 2-D")
+    T = logits.shape[0]
+    weights = logits.new_empty((T, top_k), dtype=torch.float32)
+    ids = logits.new_empty((T, top_k), dtype=torch.int64)
+    return weights, ids
+
+
+def _route_topk_setup_context(ctx, inputs, output):
+    logits, top_k, scoring, renormalize, *_rest, routed_scaling = inputs
+    _, ids = output
+    ctx.save_for_backward(logits, ids)
+    ctx.scoring, ctx.renormalize, ctx.routed_scaling = scoring, renormalize, routed_scaling
+
+
+def _route_topk_backward(ctx, grad_weights, grad_ids):
+    # The ids are a discrete choice; the weights are a smooth function of the logits at those ids.
+    # Recompute that function with autograd (same math as reference.py) and pull the gradient back.
+    logits, ids = ctx.saved_tensors
+    from remoe_engine.reference import scores_fp32
+
+    with torch.enable_grad():
+        x = logits.detach().requires_grad_(True)
+        score = scores_fp32(x, ctx.scoring)
+        if ctx.scoring == "softmax_over_topk":
+            weights = torch.softmax(score.gather(-1, ids), dim=-1)
+        else:
+            weights = score.gather(-1, ids)
+            if ctx.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights * ctx.routed_scaling
+        (grad_logits,) = torch.autograd.grad(weights, x, grad_weights)
+    return (grad_logits,) + (None,) * 10
+
+
+torch.library.register_autograd(
+    "remoe::route_topk", _route_topk_backward, setup_context=_route_topk_setup_context
+)

@@ -1,0 +1,140 @@
+"""Build remoe_engine._C: C++ kernels always, CUDA kernels when nvcc and a CUDA torch exist.
+
+Environment:
+  REMOE_BUILD_CUDA      auto (default) | 1 | 0. `auto` compiles the .cu files whenever nvcc and a
+                        CUDA build of torch are present, whether or not a GPU is visible; `0`
+                        builds the C++ kernels only; `1` fails clearly when CUDA can't be built.
+  TORCH_CUDA_ARCH_LIST  GPU architectures (default "9.0", which keeps builds short).
+  MAX_JOBS              parallel compile jobs (read by ninja through torch's BuildExtension).
+  NVCC_THREADS          threads per nvcc invocation (default 2).
+  REMOE_DEBUG           1 builds with -O0 -g.
+
+The extension registers its ops with TORCH_LIBRARY and exposes no Python bindings of its own, so it
+must be built against the torch it runs with: install torch first, then
+`pip install --no-build-isolation .`.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"\nremoe-engine build error: {message}\n\n")
+    raise SystemExit(1)
+
+
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit root, for torch's build helpers.
+
+    torch guesses CUDA_HOME as the parent of the `nvcc` on PATH, which is wrong when that nvcc is
+    a wrapper script (as on machines where /usr/local/bin/nvcc execs the real toolkit's nvcc):
+    the link then fails with "cannot find -lcudart". Prefer a directory that really holds the
+    toolkit's headers.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")) and os.path.exists(
+            os.path.join(root, "bin", "nvcc")
+        ):
+            return root
+    return None
+
+
+if _find_cuda_home() is not None:
+    os.environ.setdefault("CUDA_HOME", _find_cuda_home())
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    _fail(
+        "torch is not installed in this environment. Install it first, then build without "
+        "isolation so the extension matches it:\n"
+        "    pip install torch setuptools wheel ninja\n"
+        "    pip install --no-build-isolation ."
+    )
+
+
+def _want_cuda() -> bool:
+    mode = os.environ.get("REMOE_BUILD_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "1", "0"):
+        _fail(f"REMOE_BUILD_CUDA must be auto, 1 or 0, got {mode!r}")
+    if mode == "0":
+        return False
+    nvcc = None
+    if CUDA_HOME is not None:
+        candidate = os.path.join(CUDA_HOME, "bin", "nvcc")
+        nvcc = candidate if os.path.exists(candidate) else None
+    nvcc = nvcc or shutil.which("nvcc")
+    torch_has_cuda = torch.version.cuda is not None
+    if nvcc and torch_has_cuda:
+        return True
+    reason = []
+    if not nvcc:
+        reason.append("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+    if not torch_has_cuda:
+        reason.append(f"torch {torch.__version__} is a CPU-only build")
+    if mode == "1":
+        _fail("REMOE_BUILD_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(reason))
+    print("remoe-engine: building C++ kernels only: " + "; ".join(reason))
+    return False
+
+
+def _extension():
+    build_cuda = _want_cuda()
+    debug = os.environ.get("REMOE_DEBUG", "0") == "1"
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    extra_compile_args = {"cxx": [*opt, "-fvisibility=hidden", "-fdiagnostics-color=always"]}
+    # Py_LIMITED_API lets one wheel serve every CPython >= 3.10: the module only registers ops.
+    define_macros = [("Py_LIMITED_API", "0x030A0000")]
+    if build_cuda:
+        # Without an explicit list torch compiles for every known architecture when no GPU is
+        # visible, which takes many minutes; 9.0 (Hopper) is the GPU this project is checked on.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        extra_compile_args["nvcc"] = [
+            *opt,
+            *(["-G"] if debug else []),
+            "--threads",
+            os.environ.get("NVCC_THREADS", "2"),
+            "-lineinfo",
+        ]
+        # Every .cu file must compile: a broken kernel fails the build (and CI).
+        print(
+            f"remoe-engine: building CUDA kernels ({len(cu_sources)} files) for "
+            f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+        )
+        return CUDAExtension(
+            "remoe_engine._C",
+            cpp_sources + cu_sources,
+            extra_compile_args=extra_compile_args,
+            define_macros=define_macros,
+            py_limited_api=True,
+        )
+    return CppExtension(
+        "remoe_engine._C",
+        cpp_sources,
+        extra_compile_args={"cxx": extra_compile_args["cxx"]},
+        define_macros=define_macros,
+        py_limited_api=True,
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
