@@ -97,33 +97,5 @@ def _route_topk_fake(logits, top_k, scoring, renormalize, prefer, reuse_bias, co
     return weights, ids
 
 
-def _route_topk_setup_context(ctx, inputs, output):
-    logits, top_k, scoring, renormalize, *_rest, routed_scaling = inputs
-    _, ids = output
-    ctx.save_for_backward(logits, ids)
-    ctx.scoring, ctx.renormalize, ctx.routed_scaling = scoring, renormalize, routed_scaling
-
-
-def _route_topk_backward(ctx, grad_weights, grad_ids):
-    # The ids are a discrete choice; the weights are a smooth function of the logits at those ids.
-    # Recompute that function with autograd (same math as reference.py) and pull the gradient back.
-    logits, ids = ctx.saved_tensors
-    from remoe_engine.reference import scores_fp32
-
-    with torch.enable_grad():
-        x = logits.detach().requires_grad_(True)
-        score = scores_fp32(x, ctx.scoring)
-        if ctx.scoring == "softmax_over_topk":
-            weights = torch.softmax(score.gather(-1, ids), dim=-1)
-        else:
-            weights = score.gather(-1, ids)
-            if ctx.renormalize:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights * ctx.routed_scaling
-        (grad_logits,) = torch.autograd.grad(weights, x, grad_weights)
-    return (grad_logits,) + (None,) * 10
-
-
-torch.library.register_autograd(
-    "remoe::route_topk", _route_topk_backward, setup_context=_route_topk_setup_context
-)
+# Autograd is registered in C++ (csrc/routing/route_topk_autograd.cpp): a Python autograd kernel
+# would add microseconds to every inference call.

@@ -197,13 +197,26 @@ def test_opcheck(device, kwargs):
     torch.library.opcheck(torch.ops.remoe.route_topk.default, args)
 
 
-def test_gradient_flows_through_the_weights_only():
-    logits = torch.randn(6, 16, dtype=torch.float64).float().requires_grad_(True)
-    weights, ids = ops.route_topk(logits, 4, renormalize=True)
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid", "softmax_over_topk"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_gradient_flows_through_the_weights_only(device, scoring, renormalize):
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 16, generator=gen).to(device).requires_grad_(True)
+    prefer = (torch.rand(16, generator=gen) < 0.3).to(device)
+    weights, ids = ops.route_topk(logits, 4, scoring=scoring, renormalize=renormalize,
+                                  prefer=prefer, reuse_bias=0.05, routed_scaling=1.5)
+    assert not ids.requires_grad
+    # Autograd through the reference's differentiable math at the same ids.
     ref_logits = logits.detach().clone().requires_grad_(True)
-    probs = torch.softmax(ref_logits, -1).gather(-1, ids)
-    ref_weights = probs / probs.sum(-1, keepdim=True)
-    upstream = torch.randn_like(weights)
+    score = ref.scores_fp32(ref_logits, scoring)
+    if scoring == "softmax_over_topk":
+        ref_weights = torch.softmax(score.gather(-1, ids), dim=-1)
+    else:
+        ref_weights = score.gather(-1, ids)
+        if renormalize:
+            ref_weights = ref_weights / ref_weights.sum(-1, keepdim=True)
+    ref_weights = ref_weights * 1.5
+    upstream = torch.randn(weights.shape, generator=gen).to(device)
     (weights * upstream).sum().backward()
     (ref_weights * upstream).sum().backward()
     torch.testing.assert_close(logits.grad, ref_logits.grad, atol=1e-6, rtol=1e-5)
