@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "pool/slot_pool.h"
+
 // Python imports `remoe_engine._C` only to load this library and run the registrations below;
 // the module has no attributes of its own (ops are reached through torch.ops.remoe).
 extern "C" {
@@ -30,4 +32,7 @@ TORCH_LIBRARY(remoe, m) {
       "route_topk(Tensor logits, int top_k, str scoring, bool renormalize, Tensor? prefer, "
       "float reuse_bias, Tensor? correction_bias, int n_group, int topk_group, str group_score, "
       "float routed_scaling) -> (Tensor weights, Tensor ids)");
+  // torch.classes.remoe.SlotPool: the expert slot pool (csrc/pool/slot_pool.h; facade and policy
+  // specification in remoe_engine/pool.py).
+  remoe::register_slot_pool(m);
 }

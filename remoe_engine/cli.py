@@ -14,6 +14,7 @@ import sys
 _COMMAND_MODULES = [
     "remoe_engine.commands.version",
     "remoe_engine.commands.demo",
+    "remoe_engine.commands.pack",
 ]
 
 

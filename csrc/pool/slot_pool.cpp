@@ -1,0 +1,496 @@
+// SlotPool: residency, eviction, pins, loads and counters. See slot_pool.h and the policy
+// specification in remoe_engine/pool.py.
+
+#include "slot_pool.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <chrono>
+#include <sstream>
+#include <unordered_set>
+
+namespace remoe {
+
+void LoadTicket::finish(State s, std::string message) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    state = s;
+    error = std::move(message);
+  }
+  cv.notify_all();
+}
+
+LoadTicket::State LoadTicket::wait() {
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [this] { return state != State::kPending; });
+  return state;
+}
+
+namespace {
+
+Policy parse_policy(const std::string& policy) {
+  if (policy == "lru") return Policy::kLru;
+  if (policy == "lfu") return Policy::kLfu;
+  TORCH_CHECK(false, "SlotPool: policy must be 'lru' or 'lfu', got '", policy, "'");
+}
+
+}  // namespace
+
+SlotPool::SlotPool(int64_t num_layers, int64_t num_experts, int64_t slot_bytes, int64_t num_slots,
+                   int64_t slots_per_layer, const std::string& policy, const std::string& device,
+                   int64_t num_threads, bool o_direct)
+    : num_layers_(num_layers),
+      num_experts_(num_experts),
+      slot_bytes_(slot_bytes),
+      num_slots_(num_slots),
+      slots_per_layer_(slots_per_layer),
+      policy_(parse_policy(policy)),
+      files_(o_direct) {
+  TORCH_CHECK(num_layers >= 1 && num_experts >= 1, "SlotPool: need at least one layer and one "
+              "expert, got num_layers=", num_layers, ", num_experts=", num_experts);
+  TORCH_CHECK(slot_bytes > 0 && slot_bytes % kDirectIoAlign == 0, "SlotPool: slot_bytes must be "
+              "a positive multiple of ", kDirectIoAlign, ", got ", slot_bytes);
+  TORCH_CHECK(num_slots >= 1, "SlotPool: need at least one slot, got num_slots=", num_slots);
+  TORCH_CHECK(slots_per_layer >= 0, "SlotPool: slots_per_layer must be >= 0 (0 = one global "
+              "pool), got ", slots_per_layer);
+  TORCH_CHECK(slots_per_layer == 0 || num_slots == slots_per_layer * num_layers,
+              "SlotPool: per-layer scope needs num_slots = slots_per_layer * num_layers = ",
+              slots_per_layer, " * ", num_layers, ", got ", num_slots);
+  TORCH_CHECK(num_threads >= 1 && num_threads <= 256, "SlotPool: num_threads must be in [1, 256], "
+              "got ", num_threads);
+  slots_.resize(num_slots);
+  slot_of_.assign(num_layers * num_experts, -1);
+  last_error_.resize(num_layers * num_experts);
+  segments_.resize(num_layers * num_experts);
+  counters_ = std::make_unique<std::atomic<int64_t>[]>(num_layers * kNumCounters);
+  for (int64_t i = 0; i < num_layers * kNumCounters; ++i) counters_[i].store(0);
+  engine_ = make_copy_engine(c10::Device(device), num_slots, slot_bytes,
+                             static_cast<int>(num_threads));
+  reader_ = std::make_unique<ReaderPool>(static_cast<int>(num_threads));
+}
+
+SlotPool::~SlotPool() {
+  // Finish every queued load before the engine frees slot memory and staging buffers.
+  reader_.reset();
+}
+
+int64_t SlotPool::add_file(const std::string& path) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!started_, "SlotPool.add_file: sources are frozen after the first acquire/prefetch");
+  try {
+    return files_.add(path);
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "SlotPool: ", e.what());
+  }
+}
+
+void SlotPool::set_file_sources(const at::Tensor& table, std::vector<std::string> labels) {
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == 6 && table.scalar_type() == at::kLong &&
+                  table.device().is_cpu(),
+              "SlotPool.set_file_sources: table must be a CPU int64 [N, 6] tensor, got ",
+              table.scalar_type(), " ", table.sizes(), " on ", table.device());
+  TORCH_CHECK(static_cast<int64_t>(labels.size()) == table.size(0), "SlotPool.set_file_sources: ",
+              table.size(0), " rows but ", labels.size(), " labels");
+  const at::Tensor t = table.contiguous();
+  const int64_t* row = t.data_ptr<int64_t>();
+  std::vector<std::vector<Segment>> segments(num_layers_ * num_experts_);
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!started_, "SlotPool.set_file_sources: sources are frozen after the first "
+              "acquire/prefetch");
+  for (int64_t i = 0; i < t.size(0); ++i, row += 6) {
+    const int64_t layer = row[0], expert = row[1], file = row[2], offset = row[3], n = row[4],
+                  at_ = row[5];
+    TORCH_CHECK(layer >= 0 && layer < num_layers_ && expert >= 0 && expert < num_experts_,
+                "SlotPool.set_file_sources: row ", i, " ('", labels[i], "') names layer ", layer,
+                " expert ", expert, " outside [0, ", num_layers_, ") x [0, ", num_experts_, ")");
+    TORCH_CHECK(file >= 0 && file < files_.size(), "SlotPool.set_file_sources: row ", i, " ('",
+                labels[i], "') names file ", file, " but ", files_.size(), " files were added");
+    TORCH_CHECK(offset >= 0 && n > 0 && at_ >= 0 && at_ + n <= slot_bytes_,
+                "SlotPool.set_file_sources: row ", i, " ('", labels[i], "') puts ", n,
+                " bytes at slot offset ", at_, ", outside the ", slot_bytes_, "-byte slot");
+    segments[key(layer, expert)].push_back(Segment{file, offset, n, at_, i});
+  }
+  for (int64_t k = 0; k < num_layers_ * num_experts_; ++k) {
+    TORCH_CHECK(!segments[k].empty(), "SlotPool.set_file_sources: no source for layer ",
+                k / num_experts_, " expert ", k % num_experts_);
+  }
+  segments_ = std::move(segments);
+  labels_ = std::move(labels);
+  host_blobs_ = at::Tensor();
+}
+
+void SlotPool::set_host_sources(const at::Tensor& blobs) {
+  TORCH_CHECK(blobs.dim() == 2 && blobs.size(0) == num_layers_ * num_experts_ &&
+                  blobs.size(1) <= slot_bytes_ && blobs.scalar_type() == at::kByte &&
+                  blobs.device().is_cpu() && blobs.is_contiguous(),
+              "SlotPool.set_host_sources: blobs must be a contiguous CPU uint8 [", num_layers_,
+              " * ", num_experts_, ", <= ", slot_bytes_, "] tensor, got ", blobs.scalar_type(),
+              " ", blobs.sizes(), " on ", blobs.device());
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!started_, "SlotPool.set_host_sources: sources are frozen after the first "
+              "acquire/prefetch");
+  host_blobs_ = blobs;
+  host_blob_bytes_ = blobs.size(1);
+  for (auto& s : segments_) s.clear();
+}
+
+void SlotPool::check_layer(int64_t layer, const char* fn) const {
+  TORCH_CHECK(layer >= 0 && layer < num_layers_, "SlotPool.", fn, ": layer must be in [0, ",
+              num_layers_, "), got ", layer);
+}
+
+std::vector<int64_t> SlotPool::distinct_ids(int64_t layer, const at::Tensor& ids,
+                                            const char* fn) const {
+  check_layer(layer, fn);
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.device().is_cpu(),
+              "SlotPool.", fn, ": ids must be a 1-D CPU int64 tensor, got ", ids.scalar_type(),
+              " ", ids.sizes(), " on ", ids.device());
+  const at::Tensor c = ids.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  std::vector<int64_t> out;
+  out.reserve(c.numel());
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < num_experts_, "SlotPool.", fn, ": expert id ", p[i],
+                " at position ", i, " is outside [0, ", num_experts_, ")");
+    // First-occurrence order; K is small, a linear scan beats a hash set.
+    if (std::find(out.begin(), out.end(), p[i]) == out.end()) out.push_back(p[i]);
+  }
+  return out;
+}
+
+int64_t SlotPool::pick_victim_locked(int64_t layer, const std::vector<int64_t>& exclude) const {
+  int64_t best = -1;
+  for (int64_t s = scope_begin(layer); s < scope_end(layer); ++s) {
+    const Slot& slot = slots_[s];
+    if (!exclude.empty() && std::find(exclude.begin(), exclude.end(), s) != exclude.end()) continue;
+    if (slot.layer < 0) return s;  // free slots are used first, lowest index first
+    if (slot.pins > 0) continue;
+    if (best < 0) {
+      best = s;
+      continue;
+    }
+    const Slot& b = slots_[best];
+    // LRU: oldest stamp. LFU: lowest frequency, ties -> oldest stamp. Stamps are unique.
+    const bool better = policy_ == Policy::kLfu && slot.freq != b.freq ? slot.freq < b.freq
+                                                                       : slot.last_use < b.last_use;
+    if (better) best = s;
+  }
+  return best;
+}
+
+SlotPool::Job SlotPool::place_locked(int64_t s, int64_t layer, int64_t expert, int64_t stamp,
+                                     int64_t pins, int64_t freq, bool prefetched) {
+  Slot& slot = slots_[s];
+  if (slot.layer >= 0) {
+    slot_of_[key(slot.layer, slot.expert)] = -1;
+    count(slot.layer, kEvictions, 1);  // charged to the layer that loses the expert
+  }
+  Job job{s, layer, expert, std::make_shared<LoadTicket>(), slot.load};
+  slot.layer = layer;
+  slot.expert = expert;
+  slot.pins = pins;
+  slot.last_use = stamp;
+  slot.freq = freq;
+  slot.prefetched = prefetched;
+  slot.load = job.ticket;
+  slot_of_[key(layer, expert)] = s;
+  return job;
+}
+
+at::Tensor SlotPool::acquire(int64_t layer, const at::Tensor& ids, bool wait) {
+  const std::vector<int64_t> distinct = distinct_ids(layer, ids, "acquire");
+  std::vector<Pinned> pinned;
+  std::vector<Job> jobs;
+  pinned.reserve(distinct.size());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    TORCH_CHECK(!segments_[0].empty() || host_blobs_.defined(),
+                "SlotPool.acquire: no sources set (call set_file_sources or set_host_sources)");
+    // 1. Classify against the residency at call time, and check capacity before changing
+    //    anything: the call's hits are pinned by it, so they cannot be victims.
+    std::vector<int64_t> misses;
+    for (int64_t e : distinct) {
+      if (slot_of_[key(layer, e)] < 0) misses.push_back(e);
+    }
+    if (!misses.empty()) {
+      int64_t takeable = 0, pinned_by_others = 0;
+      for (int64_t s = scope_begin(layer); s < scope_end(layer); ++s) {
+        const Slot& slot = slots_[s];
+        const bool own_hit = slot.layer == layer &&
+                             std::find(distinct.begin(), distinct.end(), slot.expert) != distinct.end();
+        if (slot.pins > 0) {
+          ++pinned_by_others;
+        } else if (!own_hit) {
+          ++takeable;
+        }
+      }
+      TORCH_CHECK(static_cast<int64_t>(misses.size()) <= takeable, "SlotPool.acquire: layer ",
+                  layer, " asks for ", distinct.size(), " distinct experts, ", misses.size(),
+                  " of them not resident, but only ", takeable, " of the ", scope_end(layer) -
+                  scope_begin(layer), " slots in its scope can be taken now (", pinned_by_others,
+                  " pinned, ", distinct.size() - misses.size(), " hits of this call); acquire in "
+                  "waves of at most max_pinnable(layer) distinct experts");
+    }
+    started_ = true;
+    // 2. Every distinct id gets the next stamp, in first-occurrence order, hit or miss.
+    const int64_t stamp0 = clock_;
+    clock_ += static_cast<int64_t>(distinct.size());
+    for (size_t i = 0; i < distinct.size(); ++i) {
+      const int64_t s = slot_of_[key(layer, distinct[i])];
+      if (s < 0) continue;
+      Slot& slot = slots_[s];
+      slot.pins += 1;
+      slot.last_use = stamp0 + static_cast<int64_t>(i);
+      slot.freq += 1;
+      if (slot.prefetched) {
+        slot.prefetched = false;
+        count(layer, kPrefetchHits, 1);
+      }
+      count(layer, kHits, 1);
+      pinned.push_back(Pinned{distinct[i], s, slot.load});
+    }
+    // 3. Misses, in order, each into the lowest free slot or the policy's victim.
+    for (size_t i = 0; i < distinct.size(); ++i) {
+      const int64_t e = distinct[i];
+      if (slot_of_[key(layer, e)] >= 0) continue;
+      const int64_t s = pick_victim_locked(layer);
+      TORCH_INTERNAL_ASSERT(s >= 0, "capacity was checked above");
+      jobs.push_back(place_locked(s, layer, e, stamp0 + static_cast<int64_t>(i), /*pins=*/1,
+                                  /*freq=*/1, /*prefetched=*/false));
+      count(layer, kMisses, 1);
+      pinned.push_back(Pinned{e, s, jobs.back().ticket});
+    }
+  }
+  launch(jobs);
+  if (wait) finish_acquire(layer, pinned);
+
+  at::Tensor out = at::empty({ids.numel()}, ids.options());
+  const at::Tensor c = ids.contiguous();
+  const int64_t* in = c.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    for (const Pinned& p : pinned) {
+      if (p.expert == in[i]) o[i] = p.slot;
+    }
+  }
+  return out;
+}
+
+void SlotPool::wait(int64_t layer, const at::Tensor& ids) {
+  const std::vector<int64_t> distinct = distinct_ids(layer, ids, "wait");
+  std::vector<Pinned> pinned;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int64_t e : distinct) {
+      const int64_t s = slot_of_[key(layer, e)];
+      if (s >= 0 && slots_[s].pins > 0) {
+        pinned.push_back(Pinned{e, s, slots_[s].load});
+        continue;
+      }
+      // Not pinned: either never acquired, or its load failed and was undone. Undo the rest of
+      // this call's pins too, so the caller is left with nothing pinned, as documented.
+      std::string why = last_error_[key(layer, e)];
+      for (int64_t other : distinct) {
+        const int64_t so = slot_of_[key(layer, other)];
+        if (so >= 0 && slots_[so].pins > 0) slots_[so].pins -= 1;
+      }
+      TORCH_CHECK(false, "SlotPool.wait: layer ", layer, " expert ", e, " is not pinned",
+                  why.empty() ? std::string(" (acquire it first)") : ": its load failed: " + why);
+    }
+  }
+  finish_acquire(layer, pinned);
+}
+
+void SlotPool::finish_acquire(int64_t layer, const std::vector<Pinned>& pinned) {
+  // Python calls reach here through torch::class_, which releases the GIL around the whole
+  // method call (runAndInsertCall in torch/csrc/jit/python/pybind_utils.h): blocking here never
+  // blocks other Python threads.
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::string> errors;
+  for (const Pinned& p : pinned) {
+    if (p.ticket->wait() == LoadTicket::State::kFailed) errors.push_back(p.ticket->error);
+  }
+  count(layer, kStallNs, std::chrono::duration_cast<std::chrono::nanoseconds>(
+                             std::chrono::steady_clock::now() - t0).count());
+  if (errors.empty()) {
+    for (const Pinned& p : pinned) engine_->wait_loaded(p.slot);
+    return;
+  }
+  {
+    // The failed entries were already removed by their load (run_load); drop this call's pins
+    // on the others so the caller holds nothing.
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Pinned& p : pinned) {
+      Slot& slot = slots_[p.slot];
+      if (slot.load == p.ticket && slot.layer == layer && slot.expert == p.expert && slot.pins > 0) {
+        slot.pins -= 1;
+      }
+    }
+  }
+  std::ostringstream msg;
+  msg << "SlotPool: " << errors.size() << " expert load(s) of layer " << layer
+      << " failed; the pool is unchanged apart from dropping them:";
+  for (const std::string& e : errors) msg << "\n  " << e;
+  TORCH_CHECK(false, msg.str());
+}
+
+int64_t SlotPool::prefetch(int64_t layer, const at::Tensor& ids) {
+  const std::vector<int64_t> distinct = distinct_ids(layer, ids, "prefetch");
+  std::vector<Job> jobs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    TORCH_CHECK(!segments_[0].empty() || host_blobs_.defined(),
+                "SlotPool.prefetch: no sources set (call set_file_sources or set_host_sources)");
+    started_ = true;
+    for (int64_t e : distinct) {
+      if (slot_of_[key(layer, e)] >= 0) continue;  // resident: recency and frequency unchanged
+      // Never one of this call's own loads: a prefetch must not evict what it just fetched.
+      std::vector<int64_t> own;
+      for (const Job& j : jobs) own.push_back(j.slot);
+      const int64_t s = pick_victim_locked(layer, own);
+      if (s < 0) break;
+      jobs.push_back(place_locked(s, layer, e, clock_++, /*pins=*/0, /*freq=*/0,
+                                  /*prefetched=*/true));
+      count(layer, kPrefetches, 1);
+    }
+  }
+  launch(jobs);
+  return static_cast<int64_t>(jobs.size());
+}
+
+void SlotPool::release(int64_t layer, const at::Tensor& ids) {
+  const std::vector<int64_t> distinct = distinct_ids(layer, ids, "release");
+  std::lock_guard<std::mutex> lock(mu_);
+  for (int64_t e : distinct) {
+    const int64_t s = slot_of_[key(layer, e)];
+    TORCH_CHECK(s >= 0 && slots_[s].pins > 0, "SlotPool.release: layer ", layer, " expert ", e,
+                " is not pinned", s < 0 ? " (not resident)" : "");
+  }
+  for (int64_t e : distinct) {
+    const int64_t s = slot_of_[key(layer, e)];
+    // Fence first, then unpin: once unpinned the slot may be chosen for the next load, which
+    // must see this fence.
+    engine_->mark_released(s);
+    slots_[s].pins -= 1;
+  }
+}
+
+void SlotPool::launch(std::vector<Job>& jobs) {
+  for (Job& job : jobs) {
+    if (host_blobs_.defined() && engine_->host_copy_is_async()) {
+      run_load(job);  // only enqueues a copy: cheaper on this thread than a hand-off
+    } else {
+      reader_->submit([this, job = std::move(job)] { run_load(job); });
+    }
+  }
+}
+
+void SlotPool::run_load(const Job& job) {
+  // The slot's previous load (of the expert just evicted, e.g. a prefetch nobody used) may still
+  // be writing it; FIFO order guarantees it was dequeued before this one, so waiting is safe.
+  if (job.previous) job.previous->wait();
+  try {
+    if (host_blobs_.defined()) {
+      const uint8_t* src = host_blobs_.data_ptr<uint8_t>() + key(job.layer, job.expert) * host_blob_bytes_;
+      count(job.layer, kBytesCopied, engine_->copy_from_host(job.slot, src, host_blob_bytes_));
+    } else {
+      const int worker = ReaderPool::current_worker();
+      uint8_t* dst = engine_->read_target(job.slot, worker);
+      int64_t extent = 0, nread = 0;
+      for (const Segment& seg : segments_[key(job.layer, job.expert)]) {
+        files_.read_exact(seg.file_id, seg.file_offset, seg.nbytes, dst + seg.slot_offset,
+                          labels_[seg.label]);
+        extent = std::max(extent, seg.slot_offset + seg.nbytes);
+        nread += seg.nbytes;
+      }
+      count(job.layer, kBytesRead, nread);
+      count(job.layer, kBytesCopied, engine_->commit_read(job.slot, worker, extent));
+    }
+    job.ticket->finish(LoadTicket::State::kDone);
+  } catch (const std::exception& e) {
+    std::ostringstream msg;
+    msg << "layer " << job.layer << " expert " << job.expert << ": " << e.what();
+    {
+      // Undo the entry before waking waiters, so no one sees a half-resident expert. Its pins go
+      // with it; finish_acquire drops the failing call's other pins.
+      std::lock_guard<std::mutex> lock(mu_);
+      Slot& slot = slots_[job.slot];
+      if (slot.load == job.ticket) {
+        slot_of_[key(job.layer, job.expert)] = -1;
+        slot.layer = slot.expert = -1;
+        slot.pins = slot.freq = 0;
+        slot.prefetched = false;
+      }
+      last_error_[key(job.layer, job.expert)] = msg.str();
+      count(job.layer, kLoadFailures, 1);
+    }
+    job.ticket->finish(LoadTicket::State::kFailed, msg.str());
+  }
+}
+
+int64_t SlotPool::max_pinnable(int64_t layer) {
+  check_layer(layer, "max_pinnable");
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t n = 0;
+  for (int64_t s = scope_begin(layer); s < scope_end(layer); ++s) n += slots_[s].pins == 0;
+  return n;
+}
+
+at::Tensor SlotPool::residency(int64_t layer) {
+  check_layer(layer, "residency");
+  at::Tensor out = at::empty({num_experts_}, at::TensorOptions().dtype(at::kLong));
+  std::lock_guard<std::mutex> lock(mu_);
+  std::copy_n(slot_of_.begin() + key(layer, 0), num_experts_, out.data_ptr<int64_t>());
+  return out;
+}
+
+at::Tensor SlotPool::pins(int64_t layer) {
+  check_layer(layer, "pins");
+  at::Tensor out = at::zeros({num_experts_}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  std::lock_guard<std::mutex> lock(mu_);
+  for (int64_t e = 0; e < num_experts_; ++e) {
+    const int64_t s = slot_of_[key(layer, e)];
+    if (s >= 0) o[e] = slots_[s].pins;
+  }
+  return out;
+}
+
+at::Tensor SlotPool::stats() {
+  at::Tensor out = at::empty({num_layers_, kNumCounters}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_layers_ * kNumCounters; ++i) o[i] = counters_[i].load();
+  return out;
+}
+
+void SlotPool::reset_stats() {
+  for (int64_t i = 0; i < num_layers_ * kNumCounters; ++i) counters_[i].store(0);
+}
+
+void register_slot_pool(torch::Library& m) {
+  m.class_<SlotPool>("SlotPool")
+      .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, std::string, std::string,
+                       int64_t, bool>())
+      .def("add_file", &SlotPool::add_file)
+      .def("set_file_sources", &SlotPool::set_file_sources)
+      .def("set_host_sources", &SlotPool::set_host_sources)
+      .def("acquire", &SlotPool::acquire)
+      .def("wait", &SlotPool::wait)
+      .def("prefetch", &SlotPool::prefetch)
+      .def("release", &SlotPool::release)
+      .def("max_pinnable", &SlotPool::max_pinnable)
+      .def("scope_slots", &SlotPool::scope_slots)
+      .def("residency", &SlotPool::residency)
+      .def("pins", &SlotPool::pins)
+      .def("stats", &SlotPool::stats)
+      .def("reset_stats", &SlotPool::reset_stats)
+      .def("buffer", &SlotPool::buffer)
+      .def("num_slots", &SlotPool::num_slots)
+      .def("slot_bytes", &SlotPool::slot_bytes);
+}
+
+}  // namespace remoe

@@ -1,0 +1,178 @@
+// The expert slot pool: a fixed buffer of expert slots on the compute device, a residency table
+// (layer, expert) -> slot, LRU / LFU eviction, pins, loads through a reader thread pool, counters.
+//
+// Legend: L = MoE layers (dense index 0..L-1), E = experts per layer, S = slots, B = slot bytes.
+// The policy semantics are specified in remoe_engine/pool.py (the simulator reproduces them);
+// this file implements exactly that text.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../transfer/copy_engine.h"
+#include "../transfer/reader.h"
+
+namespace remoe {
+
+// Per-layer counters: one row of SlotPool::stats().
+enum Counter : int {
+  kHits = 0,
+  kMisses,
+  kEvictions,
+  kPrefetches,     // loads started by prefetch()
+  kPrefetchHits,   // prefetched entries later hit by acquire() (at most once per load)
+  kBytesRead,      // bytes read from storage
+  kBytesCopied,    // bytes copied into slots from host memory (staging or host tier)
+  kStallNs,        // host time blocked waiting for loads in acquire()/wait()
+  kLoadFailures,
+  kNumCounters,
+};
+
+enum class Policy { kLru, kLfu };
+
+// One load into one slot. Waiters block on it; a later load into the same slot waits for it first.
+struct LoadTicket {
+  enum class State { kPending, kDone, kFailed };
+  void finish(State s, std::string message = {});
+  // Blocks until the load is done or failed; returns the final state.
+  State wait();
+
+  std::mutex mu;
+  std::condition_variable cv;
+  State state = State::kPending;
+  std::string error;
+};
+
+// Where one piece of an expert comes from: a byte range of a file, landing at slot_offset.
+struct Segment {
+  int64_t file_id;
+  int64_t file_offset;
+  int64_t nbytes;
+  int64_t slot_offset;
+  int64_t label;  // index into SlotPool::labels_: the tensor or blob name for error messages
+};
+
+class SlotPool : public torch::CustomClassHolder {
+ public:
+  // slots_per_layer > 0: per-layer scope, layer l owns slots [l*spl, (l+1)*spl) and num_slots
+  // must be L * spl. slots_per_layer == 0: one global scope over all num_slots slots.
+  SlotPool(int64_t num_layers, int64_t num_experts, int64_t slot_bytes, int64_t num_slots,
+           int64_t slots_per_layer, const std::string& policy, const std::string& device,
+           int64_t num_threads, bool o_direct);
+  ~SlotPool() override;
+
+  // --- sources, set before the first acquire/prefetch -------------------------------------
+  int64_t add_file(const std::string& path);
+  // table [N, 6] int64 rows (layer, expert, file_id, file_offset, nbytes, slot_offset); labels[i]
+  // names row i's tensor. Replaces any previous sources; every (layer, expert) needs >= 1 row.
+  void set_file_sources(const at::Tensor& table, std::vector<std::string> labels);
+  // blobs [L * E, B'] uint8 CPU, B' <= B, row l*E+e = expert (l, e) in slot layout (host tier).
+  void set_host_sources(const at::Tensor& blobs);
+
+  // --- the hot path --------------------------------------------------------------------------
+  // Pins the distinct experts of `ids` [n] int64 in `layer`, starting loads for the missing ones,
+  // and returns their slots [n] int64 (duplicates share a slot). With wait=true it also waits:
+  // on CPU until the bytes are in the slots; on CUDA until the copies are enqueued, then orders
+  // the current stream after them. All or nothing: too few evictable slots is an error before
+  // any state changes, and a failed load undoes the call's pins before raising.
+  at::Tensor acquire(int64_t layer, const at::Tensor& ids, bool wait);
+  // The waiting half of acquire(wait=false), for the same layer and ids.
+  void wait(int64_t layer, const at::Tensor& ids);
+  // Starts loads for the distinct ids not resident, without pinning; stops at the first one for
+  // which no slot can be freed. Returns how many loads it started.
+  int64_t prefetch(int64_t layer, const at::Tensor& ids);
+  // Drops one pin per distinct id (each must be pinned). On CUDA the slot's next load waits for
+  // the work enqueued so far on the current stream.
+  void release(int64_t layer, const at::Tensor& ids);
+
+  // --- inspection -----------------------------------------------------------------------------
+  // How many distinct missing experts one acquire on `layer` can take now: the slots of its
+  // scope that nobody pins.
+  int64_t max_pinnable(int64_t layer);
+  int64_t scope_slots() const { return slots_per_layer_ > 0 ? slots_per_layer_ : num_slots_; }
+  at::Tensor residency(int64_t layer);  // [E] int64: slot of each expert, -1 if not resident
+  at::Tensor pins(int64_t layer);       // [E] int64: pin count of each expert (0 if not resident)
+  at::Tensor stats();                   // [L, kNumCounters] int64, see Counter
+  void reset_stats();
+  at::Tensor buffer() const { return engine_->slots(); }  // [S, B] uint8
+  int64_t num_slots() const { return num_slots_; }
+  int64_t slot_bytes() const { return slot_bytes_; }
+
+ private:
+  struct Slot {
+    int64_t layer = -1;  // -1: free
+    int64_t expert = -1;
+    int64_t pins = 0;
+    int64_t last_use = 0;  // access stamp (global clock) of the last acquire or the load
+    int64_t freq = 0;      // LFU: acquires since it became resident (0 for a prefetch)
+    bool prefetched = false;
+    std::shared_ptr<LoadTicket> load;  // last load into this slot, maybe still in flight
+  };
+  struct Job {
+    int64_t slot, layer, expert;
+    std::shared_ptr<LoadTicket> ticket, previous;
+  };
+  struct Pinned {
+    int64_t expert, slot;
+    std::shared_ptr<LoadTicket> ticket;
+  };
+
+  void check_layer(int64_t layer, const char* fn) const;
+  std::vector<int64_t> distinct_ids(int64_t layer, const at::Tensor& ids, const char* fn) const;
+  int64_t key(int64_t layer, int64_t expert) const { return layer * num_experts_ + expert; }
+  int64_t scope_begin(int64_t layer) const { return slots_per_layer_ > 0 ? layer * slots_per_layer_ : 0; }
+  int64_t scope_end(int64_t layer) const {
+    return slots_per_layer_ > 0 ? (layer + 1) * slots_per_layer_ : num_slots_;
+  }
+  // Lowest free slot of the scope, else the unpinned entry the policy evicts, else -1; never a
+  // slot in `exclude`. mu_ held.
+  int64_t pick_victim_locked(int64_t layer, const std::vector<int64_t>& exclude = {}) const;
+  // Takes slot for (layer, expert) (evicting its entry) and returns the load job. mu_ held.
+  Job place_locked(int64_t slot, int64_t layer, int64_t expert, int64_t stamp, int64_t pins,
+                   int64_t freq, bool prefetched);
+  void launch(std::vector<Job>& jobs);
+  void run_load(const Job& job);
+  // Waits for the pinned loads of one acquire; on failure undoes its pins and throws.
+  void finish_acquire(int64_t layer, const std::vector<Pinned>& pinned);
+  void count(int64_t layer, Counter c, int64_t n) {
+    counters_[layer * kNumCounters + c].fetch_add(n, std::memory_order_relaxed);
+  }
+
+  const int64_t num_layers_, num_experts_, slot_bytes_, num_slots_, slots_per_layer_;
+  const Policy policy_;
+
+  std::mutex mu_;  // guards everything below up to counters_
+  std::vector<Slot> slots_;              // [S]
+  std::vector<int64_t> slot_of_;         // [L * E] slot or -1
+  std::vector<std::string> last_error_;  // [L * E] message of the last failed load
+  int64_t clock_ = 0;                    // access stamps: one per distinct expert per call
+  bool started_ = false;                 // sources are frozen after the first load
+
+  // Sources: per (layer, expert) file segments, or one host blob row.
+  FileSet files_;
+  std::vector<std::vector<Segment>> segments_;  // [L * E]
+  std::vector<std::string> labels_;
+  at::Tensor host_blobs_;  // [L * E, B'] uint8, or undefined
+  int64_t host_blob_bytes_ = 0;
+
+  std::unique_ptr<std::atomic<int64_t>[]> counters_;  // [L * kNumCounters]
+
+  // Declared last: destroyed first, so every queued load finishes before the engine (and its
+  // slot memory and staging buffers) goes away.
+  std::unique_ptr<CopyEngine> engine_;
+  std::unique_ptr<ReaderPool> reader_;
+};
+
+// Registers torch.classes.remoe.SlotPool; called from the TORCH_LIBRARY block in csrc/ops.cpp.
+void register_slot_pool(torch::Library& m);
+
+}  // namespace remoe

@@ -1,0 +1,80 @@
+// Storage side of expert transfers: the files an expert source reads from, and the reader thread
+// pool that runs loads off the caller's thread.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace remoe {
+
+// O_DIRECT needs the file offset, the length and the destination aligned to the logical block
+// size; 4 KiB covers every block device we target (NVMe, UFS, SATA with 4Kn).
+constexpr int64_t kDirectIoAlign = 4096;
+
+// The files of one expert source. Each file has a buffered descriptor and, when O_DIRECT is on,
+// a second descriptor opened with O_DIRECT. Files are added before the first read and never
+// removed, so reads need no lock.
+class FileSet {
+ public:
+  explicit FileSet(bool o_direct) : o_direct_(o_direct) {}
+  ~FileSet();
+  FileSet(const FileSet&) = delete;
+  FileSet& operator=(const FileSet&) = delete;
+
+  // Opens `path` (and its O_DIRECT twin); throws std::runtime_error naming the path and errno.
+  int64_t add(const std::string& path);
+  int64_t size() const { return static_cast<int64_t>(files_.size()); }
+  const std::string& path(int64_t id) const { return files_.at(id).path; }
+
+  // Reads exactly `nbytes` at `offset` of file `id` into `dst`. Uses the O_DIRECT descriptor when
+  // offset, length and destination are all kDirectIoAlign-aligned (packed files), else the
+  // buffered one. `what` names the tensor or blob for error messages. Throws std::runtime_error
+  // naming the file, the tensor and the byte range on a short read (truncated file) or I/O error.
+  void read_exact(int64_t id, int64_t offset, int64_t nbytes, uint8_t* dst,
+                  const std::string& what) const;
+
+ private:
+  struct File {
+    std::string path;
+    int fd = -1;
+    int direct_fd = -1;  // -1 unless O_DIRECT is on
+    int64_t size = 0;    // at open time, for error messages
+  };
+  std::deque<File> files_;  // deque: references stay valid while files are added
+  bool o_direct_;
+};
+
+// A fixed set of threads running jobs in FIFO order. FIFO matters: a load that must wait for an
+// earlier load into the same slot (see SlotPool) is always queued after it, so it can block on it
+// without deadlock. The destructor runs the jobs still queued, then joins.
+class ReaderPool {
+ public:
+  explicit ReaderPool(int num_threads);
+  ~ReaderPool();
+  ReaderPool(const ReaderPool&) = delete;
+  ReaderPool& operator=(const ReaderPool&) = delete;
+
+  // Jobs must not throw: a job reports its own failure (SlotPool's loads mark their ticket).
+  void submit(std::function<void()> job);
+  int size() const { return static_cast<int>(threads_.size()); }
+  // Index in [0, size()) of the calling reader thread, or -1 on any other thread. Lets a job use
+  // per-thread resources (the CUDA staging buffer) without a lookup.
+  static int current_worker();
+
+ private:
+  void worker_loop(int index);
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace remoe

@@ -1,0 +1,55 @@
+"""`remoe pack`: write a checkpoint's routed experts as one expert-major packed file."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+from remoe_engine.cli import CommandError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `remoe pack`.
+
+    Args:
+        subparsers: the top-level parser's subparsers.
+    """
+    parser = subparsers.add_parser(
+        "pack", help="pack a checkpoint's experts into one file (one read per expert miss)",
+        description="Read the routed experts of a safetensors checkpoint (headers only, then "
+        "their byte ranges) and write them expert-major, each expert one 4 KiB-aligned blob in "
+        "the pool's slot layout, so a miss is one read and can use O_DIRECT. Written to a "
+        "temporary file and renamed, so OUT is never half-written.",
+    )
+    parser.add_argument("checkpoint", type=pathlib.Path, metavar="CKPT",
+                        help="checkpoint directory (config.json + .safetensors shards)")
+    parser.add_argument("out", type=pathlib.Path, metavar="OUT", help="packed file to write")
+    parser.add_argument("--model-type", default=None,
+                        help="override config.json's model_type (picks the on-disk layout)")
+    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-read the written file and check every blob's CRC-32")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from remoe_engine.store import ExpertStore, StoreError
+
+    if args.out.exists() and not args.force:
+        raise CommandError(f"'{args.out}' exists; pass --force to overwrite it")
+    if not args.out.parent.is_dir():
+        raise CommandError(f"output directory '{args.out.parent}' does not exist")
+    try:
+        store = ExpertStore.from_checkpoint(args.checkpoint, model_type=args.model_type)
+        store.pack(args.out, progress=not args.no_progress)
+        packed = ExpertStore.from_packed(args.out)
+        if args.verify:
+            packed.verify()
+    except (StoreError, NotImplementedError) as error:
+        raise CommandError(str(error)) from None
+    size = args.out.stat().st_size
+    print(f"wrote {args.out}: {store.model_type}, {len(store.layers)} layers x "
+          f"{store.num_experts} experts, {store.layout.slot_bytes} bytes per expert blob, "
+          f"{size / 2**20:.1f} MiB")
+    return 0

@@ -1,0 +1,293 @@
+"""The expert slot pool: fixed expert slots on the compute device, fed by an ExpertStore.
+
+A thin facade over the C++ pool (`torch.classes.remoe.SlotPool`, csrc/pool/slot_pool.h), which
+owns the slot buffer, the residency table, the pins, the reader threads and the counters. This
+module only maps transformers layer indices to the pool's dense ones, converts ids, and shapes
+the stats.
+
+Typical use by the expert computation (one MoE layer, K experts per token)::
+
+    slots = pool.acquire(layer, ids)            # pins; waits for the loads (CPU) / stream (CUDA)
+    w = pool.weights                            # name -> [num_slots, *shape] views of the buffer
+    y = ffn(x, w["gate_up_proj"][slots[0]], w["down_proj"][slots[0]])
+    pool.release(layer, ids)                    # CUDA: the slot's next load waits for this work
+
+When a layer needs more distinct experts than can be pinned at once (prefill), use
+`pool.waves(layer, ids)`, which acquires at most `max_pinnable(layer)` of them at a time.
+
+Policy specification
+--------------------
+The cache simulator (`remoe_engine.sim`) reproduces these hits and misses exactly for the same
+sequence of acquire calls; any change here must change it too.
+
+- Scope. `slots_per_layer=S`: layer i owns slots [i*S, (i+1)*S) and only ever evicts its own
+  experts. `memory_budget=B`: one global scope of floor(B / slot_bytes) slots shared by all
+  layers, whose victims may belong to any layer.
+- Clock. One global counter. Each `acquire(layer, ids)` takes the distinct ids of `ids` in
+  first-occurrence order and gives the j-th of them the stamp clock + j, hit or miss; the clock
+  then advances by the number of distinct ids. (`prefetch` stamps each load it starts, +1 each.)
+- One acquire = one request. All its distinct ids are classified against the residency at the
+  start of the call: resident ones are hits, the others misses. Then every hit is pinned, its
+  stamp updated and its use count incremented; then each miss, in order, takes the
+  lowest-numbered free slot of the scope or else evicts a victim, and becomes resident with its
+  stamp, use count 1 and one pin. The call's own experts (hits and already placed misses) are
+  pinned, so a request never evicts its own keys.
+- Victim: among the scope's resident, unpinned experts. LRU: the smallest stamp. LFU: the smallest
+  use count (acquires since it became resident; reset when evicted), ties to the smallest stamp.
+  Stamps are unique, so the victim is always unique.
+- Pins: each acquire adds one pin per distinct id, `release` removes one. Pinned slots are never
+  victims. An acquire whose misses exceed the scope's slots that it can take (unpinned, and not
+  its own hits) raises before changing anything; `max_pinnable(layer)` tells how many distinct
+  missing experts one acquire can take now.
+- Prefetch: for each distinct id not resident, in order: take a slot as a miss would, but never
+  one this prefetch call filled itself (no pin, use count 0, so under LFU an unused prefetch goes
+  first), or stop when no slot is takeable. It does
+  not touch resident experts. It counts as `prefetches`, not as a miss; a later acquire of a
+  prefetched expert is a hit (and a `prefetch_hit`), even if its load is still in flight.
+- A failed load (truncated file, I/O error) removes its expert from the residency (its slot
+  becomes free, its pins go) and raises from the acquire or wait that waited on it, which also
+  drops that call's other pins: after an exception the caller holds no pin from that call.
+
+Counters (per layer, and summed): hits, misses, evictions (charged to the layer whose expert was
+evicted), prefetches, prefetch_hits, bytes_read (from files), bytes_copied (host memory into
+slots: staging -> GPU, or host tier), stall_s (host time blocked in acquire/wait waiting for
+loads; GPU-side waits on copy events are not host time and are not included), load_failures.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from remoe_engine import ops  # noqa: F401  (loads remoe_engine._C: registers the SlotPool class)
+from remoe_engine.store import ExpertStore
+
+__all__ = ["COUNTERS", "SlotPool", "parse_bytes"]
+
+# Column order of the C++ stats() rows (enum Counter in csrc/pool/slot_pool.h).
+COUNTERS = ("hits", "misses", "evictions", "prefetches", "prefetch_hits", "bytes_read",
+            "bytes_copied", "stall_ns", "load_failures")
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+IdsLike = torch.Tensor | Sequence[int]
+
+
+def parse_bytes(size: int | str) -> int:
+    """Bytes from an int or a string like "6GiB", "512 MB", "1.5gb" (decimal and binary units)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+    if not m or m[2].lower() not in _UNITS:
+        raise ValueError(f"cannot parse a byte size from {size!r} (e.g. 6GiB, 512MB, 1000000)")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
+class SlotPool:
+    """Expert slots on one device under a hard memory budget (policy: see the module docstring).
+
+    Args:
+        store: where experts come from (disk or host tier).
+        device: the compute device; the slot buffer lives there.
+        slots_per_layer: per-layer scope with this many slots per MoE layer.
+        memory_budget: one global scope of `memory_budget // slot_bytes` slots (bytes, or a
+            string like "6GiB"). Exactly one of slots_per_layer and memory_budget.
+        policy: "lru" or "lfu".
+        num_threads: reader threads (concurrent storage reads; also CUDA staging buffers, each
+            `slot_bytes` of pinned host memory, which is not counted in the device budget).
+        o_direct: read packed files with O_DIRECT (bypasses the page cache; needs a filesystem
+            that supports it). Unaligned ranges (safetensors) always use buffered reads.
+    """
+
+    def __init__(self, store: ExpertStore, device: str | torch.device = "cpu", *,
+                 slots_per_layer: int | None = None, memory_budget: int | str | None = None,
+                 policy: str = "lru", num_threads: int = 4, o_direct: bool = False):
+        if (slots_per_layer is None) == (memory_budget is None):
+            raise ValueError("SlotPool: pass exactly one of slots_per_layer (per-layer scope) or "
+                             f"memory_budget (global), got {slots_per_layer=}, {memory_budget=}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.store = store
+        self.device = device
+        self.policy = policy
+        self.slots_per_layer = slots_per_layer  # None: global scope
+        num_layers, slot_bytes = len(store.layers), store.layout.slot_bytes
+        if slots_per_layer is not None:
+            if slots_per_layer < 1:
+                raise ValueError(f"SlotPool: slots_per_layer must be >= 1, got {slots_per_layer}")
+            num_slots = slots_per_layer * num_layers
+        else:
+            budget = parse_bytes(memory_budget)
+            num_slots = budget // slot_bytes
+            if num_slots < 1:
+                raise ValueError(f"SlotPool: memory_budget {budget} bytes is less than one "
+                                 f"{slot_bytes}-byte expert slot")
+        self._pool = torch.classes.remoe.SlotPool(
+            num_layers, store.num_experts, slot_bytes, num_slots, slots_per_layer or 0, policy,
+            str(device), num_threads, o_direct)
+        if store.tier == "host":
+            self._pool.set_host_sources(store.host_blobs)
+        else:
+            files, table, labels = store.source_table()
+            for path in files:
+                self._pool.add_file(path)
+            self._pool.set_file_sources(table, labels)
+        # name -> [num_slots, *shape] views of the slot buffer (no copies).
+        self.weights: dict[str, torch.Tensor] = store.layout.views(self._pool.buffer())
+
+    def __repr__(self) -> str:
+        scope = (f"{self.scope_slots} slots/layer" if self.slots_per_layer
+                 else f"{self.num_slots} global slots")
+        return (f"SlotPool({self.policy}, {scope}, {self.slot_bytes} B/slot, "
+                f"{self.allocated_bytes / 2**20:.1f} MiB on {self.device}, {self.store.tier} tier)")
+
+    # --- sizes --------------------------------------------------------------------------------
+
+    @property
+    def num_slots(self) -> int:
+        return self._pool.num_slots()
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._pool.slot_bytes()
+
+    @property
+    def scope_slots(self) -> int:
+        """Slots one layer can use: slots_per_layer, or all slots for the global scope."""
+        return self._pool.scope_slots()
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of the slot buffer: the pool's whole device footprint, <= the budget."""
+        return self.num_slots * self.slot_bytes
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The slot buffer, uint8 [num_slots, slot_bytes] on `device`."""
+        return self._pool.buffer()
+
+    # --- the hot path -------------------------------------------------------------------------
+
+    def acquire(self, layer: int, ids: IdsLike, *, wait: bool = True) -> torch.Tensor:
+        """Pin the experts `ids` of `layer`, loading the missing ones.
+
+        Args:
+            layer: transformers layer index of an MoE layer.
+            ids: expert ids [n] (duplicates allowed; each distinct id is pinned once).
+            wait: block until usable: on CPU the bytes are in the slots; on CUDA the copies are
+                enqueued and the current stream waits for them. False: call `wait` later.
+
+        Returns:
+            slots int64 [n] (CPU), the slot of each id.
+
+        Raises:
+            RuntimeError: more missing experts than takeable slots (nothing changed), or a load
+                failed (the call's pins are dropped, the failed experts are not resident).
+        """
+        return self._pool.acquire(self.store.layer_position(layer), _ids(ids), wait)
+
+    def wait(self, layer: int, ids: IdsLike) -> None:
+        """Finish `acquire(layer, ids, wait=False)`: same semantics and errors as wait=True."""
+        self._pool.wait(self.store.layer_position(layer), _ids(ids))
+
+    def prefetch(self, layer: int, ids: IdsLike) -> int:
+        """Start loading the experts of `ids` that are not resident, without pinning them.
+
+        Returns:
+            How many loads it started (it stops when no slot is takeable).
+        """
+        return self._pool.prefetch(self.store.layer_position(layer), _ids(ids))
+
+    def release(self, layer: int, ids: IdsLike) -> None:
+        """Drop one pin of each distinct id (acquired before). CUDA: the slot's next load waits
+        for the work enqueued so far on the current stream, so release right after enqueueing
+        the last kernel that reads the slot; no host sync is needed."""
+        self._pool.release(self.store.layer_position(layer), _ids(ids))
+
+    def max_pinnable(self, layer: int) -> int:
+        """Distinct missing experts one acquire on `layer` can take now (unpinned scope slots)."""
+        return self._pool.max_pinnable(self.store.layer_position(layer))
+
+    @contextmanager
+    def pinned(self, layer: int, ids: IdsLike) -> Iterator[torch.Tensor]:
+        """`acquire` on entry, `release` on exit; yields the slots."""
+        ids = _ids(ids)
+        slots = self.acquire(layer, ids)
+        try:
+            yield slots
+        finally:
+            self.release(layer, ids)
+
+    def waves(self, layer: int, ids: IdsLike) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Acquire the distinct experts of `ids` in waves that fit the pool.
+
+        Each wave holds at most `max_pinnable(layer)` distinct experts (at least one) and is
+        released when the loop asks for the next wave (or stops).
+
+        Yields:
+            (wave_ids int64 [w], slots int64 [w]): the wave's distinct ids and their slots.
+        """
+        distinct = _ids(list(dict.fromkeys(_ids(ids).tolist())))  # first-occurrence order
+        start = 0
+        while start < distinct.numel():
+            size = max(1, self.max_pinnable(layer))
+            wave = distinct[start : start + size]
+            with self.pinned(layer, wave) as slots:
+                yield wave, slots
+            start += size
+
+    def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
+        """One slot as the expert's tensors (views, e.g. gate_up_proj [2I, H], down_proj [H, I])."""
+        return {name: view[slot] for name, view in self.weights.items()}
+
+    # --- inspection -----------------------------------------------------------------------------
+
+    def resident(self, layer: int) -> dict[int, int]:
+        """expert -> slot for the experts of `layer` that are resident (or loading)."""
+        slots = self._pool.residency(self.store.layer_position(layer)).tolist()
+        return {e: s for e, s in enumerate(slots) if s >= 0}
+
+    def pins(self, layer: int) -> dict[int, int]:
+        """expert -> pin count, for the pinned experts of `layer`."""
+        pins = self._pool.pins(self.store.layer_position(layer)).tolist()
+        return {e: n for e, n in enumerate(pins) if n > 0}
+
+    def stats(self) -> dict:
+        """Counters (module docstring), summed over layers, plus `hit_rate` and `per_layer`.
+
+        Returns:
+            {"hits": int, ..., "stall_s": float, "hit_rate": float,
+             "per_layer": {layer: {same keys}}}
+        """
+        table = self._pool.stats()  # [L, len(COUNTERS)] int64
+
+        def row(values: list[int]) -> dict:
+            d = dict(zip(COUNTERS, values, strict=True))
+            d["stall_s"] = d.pop("stall_ns") / 1e9
+            lookups = d["hits"] + d["misses"]
+            d["hit_rate"] = d["hits"] / lookups if lookups else 0.0
+            return d
+
+        out = row(table.sum(0).tolist())
+        out["per_layer"] = {layer: row(values) for layer, values in
+                            zip(self.store.layers, table.tolist(), strict=True)}
+        return out
+
+    def reset_stats(self) -> None:
+        self._pool.reset_stats()
+
+
+def _ids(ids: IdsLike) -> torch.Tensor:
+    if isinstance(ids, torch.Tensor):
+        if ids.device.type != "cpu":
+            # Host sync: the residency table lives on the host, so expert ids must come back
+            # (one sync per MoE layer at most; GPU-side slot resolution is a later step).
+            ids = ids.cpu()
+        return ids.reshape(-1).to(torch.int64)
+    return torch.tensor(list(ids), dtype=torch.int64)
