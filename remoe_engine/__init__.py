@@ -11,4 +11,13 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+source"
 
-__all__ = ["__version__"]
+__all__ = ["Handle", "__version__", "load", "patch"]
+
+
+def __getattr__(name: str):
+    # patch/load pull in transformers and the compiled extension: import them on first use.
+    if name in ("patch", "load", "Handle"):
+        from remoe_engine import offload as _offload
+
+        return getattr(_offload, name)
+    raise AttributeError(f"module 'remoe_engine' has no attribute {name!r}")

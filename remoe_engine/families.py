@@ -32,6 +32,8 @@ class RoutingSpec:
     # HF returns the weights in the logits' dtype (Qwen, OLMoE, GPT-OSS) or keeps fp32 (Mixtral,
     # DeepSeek); the patched router must hand the experts the same dtype.
     weights_in_logits_dtype: bool = True
+    # DeepSeek routers compute their logits in fp32 whatever the model dtype.
+    logits_in_fp32: bool = False
 
     def op_kwargs(self, router: nn.Module | None = None) -> dict[str, Any]:
         """Keyword arguments for `route_topk` (minus logits and prefer/reuse_bias)."""
@@ -71,7 +73,7 @@ def _deepseek_v2(config) -> RoutingSpec:
         top_k=config.num_experts_per_tok, scoring="softmax", renormalize=False,
         n_group=config.n_group if grouped else 1, topk_group=config.topk_group if grouped else 1,
         group_score="max", routed_scaling=float(config.routed_scaling_factor),
-        weights_in_logits_dtype=False,
+        weights_in_logits_dtype=False, logits_in_fp32=True,
     )
 
 
@@ -82,6 +84,7 @@ def _deepseek_v3(config) -> RoutingSpec:
         topk_group=config.topk_group, group_score="top2_sum",
         routed_scaling=float(config.routed_scaling_factor),
         correction_bias_attr="e_score_correction_bias", weights_in_logits_dtype=False,
+        logits_in_fp32=True,
     )
 
 
@@ -101,6 +104,12 @@ FAMILIES: dict[str, Family] = {
         Family("deepseek_v2", "gate", _deepseek_v2),
         Family("deepseek_v3", "gate", _deepseek_v3),
         Family("gpt_oss", "router", _gpt_oss, "fused"),
+        # Families whose routers are one of the above, verified by tests/test_patch.py.
+        Family("glm4_moe", "gate", _deepseek_v3),
+        Family("dots1", "gate", _deepseek_v3),
+        Family("flex_olmo", "gate", _softmax_topk),
+        Family("minimax", "gate",
+               lambda c: _softmax_topk(c, renormalize=True, fp32_weights=True), "mixtral"),
     ]
 }
 
@@ -174,3 +183,82 @@ def routing_spec(model_or_config) -> RoutingSpec:
     text_config = getattr(config, "get_text_config", lambda: config)()
     return family_of(config).routing(text_config)
 
+
+
+# --- On-disk expert layouts (read by remoe_engine.store) -------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskPiece:
+    """One checkpoint tensor that fills one tensor of an expert's slot, or part of it.
+
+    `pattern` is matched (re.search) against every checkpoint key; group `L` is the layer index and,
+    for per-expert keys, group `E` the expert index. A fused key (`fused=True`, no `E` group) holds
+    all experts stacked on dim 0: expert e is its e-th slice, contiguous on disk.
+    """
+
+    pattern: str
+    param: str  # the experts module parameter (and slot tensor) it lands in, e.g. "gate_up_proj"
+    part: int = 0  # position along the param's dim 0 when pieces concatenate (gate 0, up 1)
+    fused: bool = False
+
+
+@dataclass(frozen=True)
+class DiskLayout:
+    """How a family's checkpoint stores routed experts, and the slot order of their tensors.
+
+    `params` are the experts module's fused parameters in slot order; each is the dim-0
+    concatenation of its pieces ordered by `part`, which is exactly how transformers' conversion
+    mapping builds the in-memory tensor (`gate_up_proj[e] = cat([gate_proj_e, up_proj_e], 0)`).
+    """
+
+    name: str
+    params: tuple[str, ...]
+    pieces: tuple[DiskPiece, ...]
+
+
+_PER_EXPERT = r"(?:^|\.)layers\.(?P<L>\d+)\.mlp\.experts\.(?P<E>\d+)\."
+_MIXTRAL = r"(?:^|\.)layers\.(?P<L>\d+)\.block_sparse_moe\.experts\.(?P<E>\d+)\."
+_FUSED = r"(?:^|\.)layers\.(?P<L>\d+)\.mlp\.experts\."
+
+DISK_LAYOUTS: dict[str, DiskLayout] = {
+    layout.name: layout
+    for layout in [
+        DiskLayout("per_expert", ("gate_up_proj", "down_proj"), (
+            DiskPiece(_PER_EXPERT + r"gate_proj\.weight$", "gate_up_proj", 0),
+            DiskPiece(_PER_EXPERT + r"up_proj\.weight$", "gate_up_proj", 1),
+            DiskPiece(_PER_EXPERT + r"down_proj\.weight$", "down_proj", 0),
+        )),
+        # Mixtral: w1 = gate, w3 = up, w2 = down.
+        DiskLayout("mixtral", ("gate_up_proj", "down_proj"), (
+            DiskPiece(_MIXTRAL + r"w1\.weight$", "gate_up_proj", 0),
+            DiskPiece(_MIXTRAL + r"w3\.weight$", "gate_up_proj", 1),
+            DiskPiece(_MIXTRAL + r"w2\.weight$", "down_proj", 0),
+        )),
+        # GPT-OSS keeps its in-memory layout on disk: [E, H, 2I] interleaved, biases, [E, I, H].
+        DiskLayout(
+            "fused", ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+            tuple(DiskPiece(_FUSED + name + "$", name, 0, fused=True) for name in (
+                "gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")),
+        ),
+    ]
+}
+
+
+def family_of_model_type(model_type: str) -> Family:
+    """The Family of a `config.json` model_type string.
+
+    Raises:
+        NotImplementedError: naming the model type and listing the supported ones.
+    """
+    if model_type not in FAMILIES:
+        raise NotImplementedError(
+            f"remoe-engine does not support MoE family {model_type!r}; "
+            f"supported: {', '.join(supported_model_types())}"
+        )
+    return FAMILIES[model_type]
+
+
+def disk_layout_of(model_type: str) -> DiskLayout:
+    """The on-disk expert layout of a model type."""
+    return DISK_LAYOUTS[family_of_model_type(model_type).disk_layout]

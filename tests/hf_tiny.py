@@ -38,7 +38,22 @@ TINY: dict[str, dict] = {
                        head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
                        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
                        layer_types=["linear_attention", "full_attention"] * 2),
+    # More families on the same routers (the "generous sample" of patch()'s support).
+    "glm4_moe": dict(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
+                     n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                     n_group=2, topk_group=1, head_dim=16),
+    "dots1": dict(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
+                  n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+                  topk_group=1, head_dim=16, layer_types=["full_attention"] * 4),
+    "flex_olmo": dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2),
+    "minimax": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                    head_dim=16, layer_types=["full_attention", "linear_attention"] * 2),
 }
+
+# Families beyond the eight named in DESIGN.md, on routers of the same kinds.
+EXTRA_VARIANTS: list[tuple[str, dict]] = [
+    ("glm4_moe", {}), ("dots1", {}), ("flex_olmo", {}), ("minimax", {})]
 
 # (model_type, extra config) pairs covering each routing variant once; DeepSeek-V2 twice.
 VARIANTS: list[tuple[str, dict]] = [
@@ -76,3 +91,5 @@ def build(model_type: str, seed: int = 0, **extra) -> torch.nn.Module:
             with torch.no_grad():
                 weight.normal_(0.0, 0.5)
     return model
+
+ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS

@@ -154,7 +154,7 @@ def test_check_finite_names_the_token_and_expert():
 # ---------------------------------------------------------------- the real transformers routers
 
 
-@pytest.mark.parametrize("variant", hf_tiny.VARIANTS, ids=hf_tiny.variant_id)
+@pytest.mark.parametrize("variant", hf_tiny.ALL_VARIANTS, ids=hf_tiny.variant_id)
 def test_reproduces_transformers_router(variant):
     model_type, extra = variant
     model = hf_tiny.build(model_type, **extra)

@@ -1,0 +1,141 @@
+"""The expert computation over slot-pool weights, installed through transformers' ExpertsInterface.
+
+`remoe_experts_forward(self, hidden [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]`
+is registered as the experts implementation "remoe". `self` is the family's own experts module
+(stripped of its weights), so the family's `_apply_gate` (GPT-OSS's clamped, interleaved gate),
+`act_fn`, bias and transposition flags apply unchanged; the weights come from the pool's slots.
+
+Waves: when a layer needs more distinct experts than the pool can pin at once (a long prefill
+under a small budget), it runs them in waves of at most `max_pinnable` experts. Wave order is the
+prefill policy: experts already resident go first (hits cost nothing and evict nothing), then the
+missing ones ordered by the position of the last token that uses them, so the experts the end of
+the prompt routes to are loaded last and are what the pool holds when decoding starts. This is
+why a large prefill does not needlessly flush the decode working set: what it leaves behind is
+the working set of its final tokens, which is what the next decode token most likely needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERTS_IMPLEMENTATION = "remoe"
+
+
+@dataclass
+class ExpertsState:
+    """Attached to each patched experts module as `_remoe`."""
+
+    layer: int  # transformers layer index of this MoE block (the pool maps it)
+    pool: Any  # remoe_engine.pool.SlotPool
+    waves: int = 0  # waves run (more than forwards means the budget forced waves)
+    forwards: int = 0
+
+
+def expert_ffn(experts: nn.Module, x: torch.Tensor, weights: dict[str, torch.Tensor]):
+    """One expert's FFN on its tokens, with the family's own gate and layout.
+
+    Args:
+        experts: the family's experts module (supplies `_apply_gate` and layout flags).
+        x: [n, H] hidden states of the tokens routed to this expert.
+        weights: slot views: gate_up_proj [2I, H] ([H, 2I] if transposed), down_proj [H, I]
+            ([I, H] if transposed), and the biases when the family has them.
+    Returns:
+        [n, H] in x's dtype.
+    """
+    transposed = experts.is_transposed
+    gate_up = weights["gate_up_proj"]
+    h = x @ gate_up if transposed else F.linear(x, gate_up)
+    if experts.has_bias:
+        h = h + weights["gate_up_proj_bias"]
+    h = experts._apply_gate(h)
+    down = weights["down_proj"]
+    y = h @ down if transposed else F.linear(h, down)
+    if experts.has_bias:
+        y = y + weights["down_proj_bias"]
+    if getattr(experts, "has_post_expert_norm", False):
+        y = experts.post_expert_norm(y)
+    return y
+
+
+def wave_order(ids_cpu: torch.Tensor, num_experts: int, resident: dict[int, int]) -> list[int]:
+    """Distinct experts of `ids_cpu` [T, K] in the order the waves should run them.
+
+    Resident experts (`resident`: expert -> slot) first, then missing ones by the last token
+    position that uses them (module docstring). Expert-parallel sentinels (id >= E) are dropped.
+    """
+    T = ids_cpu.shape[0]
+    flat = ids_cpu.reshape(-1)
+    valid = flat < num_experts
+    positions = torch.arange(T).repeat_interleave(ids_cpu.shape[1])[valid]
+    last_use = torch.full((num_experts,), -1, dtype=torch.int64)
+    last_use.scatter_reduce_(0, flat[valid], positions, reduce="amax")
+    used = (last_use >= 0).nonzero().flatten()
+    is_resident = torch.tensor([e in resident for e in used.tolist()], dtype=torch.bool)
+    hits = used[is_resident]
+    misses = used[~is_resident]
+    misses = misses[torch.argsort(last_use[misses], stable=True)]
+    return hits.tolist() + misses.tolist()
+
+
+def remoe_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
+                          top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """ExpertsInterface implementation: the experts' FFNs over slot-pool weights.
+
+    Args:
+        hidden_states: [T, H] model dtype.
+        top_k_index: [T, K] int64 expert ids (ids >= num_experts are expert-parallel sentinels).
+        top_k_weights: [T, K] routing weights.
+    Returns:
+        [T, H] in hidden_states' dtype.
+    """
+    state: ExpertsState | None = self.__dict__.get("_remoe")
+    if state is None:
+        raise RuntimeError(
+            f"{type(self).__name__} uses the 'remoe' experts implementation but was not patched "
+            "by remoe_engine.patch() / load()"
+        )
+    pool = state.pool
+    T, K = top_k_index.shape
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    if T == 0:
+        return out.to(hidden_states.dtype)
+    # Host sync: the pool resolves expert ids to slots on the host (one per layer per forward).
+    ids_cpu = top_k_index.detach().to("cpu")  # [T, K]
+    # Group the T*K (token, k) pairs by expert with one sort: positions [T*K], per-expert runs.
+    flat = ids_cpu.reshape(-1)
+    positions = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[positions], return_counts=True)
+    keep = experts < self.num_experts  # expert-parallel sentinels carry no work
+    starts = (torch.cumsum(counts, 0) - counts)[keep].tolist()
+    counts = counts[keep].tolist()
+    experts = experts[keep].tolist()
+    run = {e: (start, n) for e, start, n in zip(experts, starts, counts, strict=True)}
+    positions = positions.to(hidden_states.device, non_blocking=True)
+    tokens, ks = positions // K, positions % K  # [T*K] each, grouped by expert
+
+    if len(experts) <= pool.max_pinnable(state.layer):
+        order = experts  # one wave: everything fits
+    else:
+        order = wave_order(ids_cpu, self.num_experts, pool.resident(state.layer))
+    state.forwards += 1
+    for wave, slots in pool.waves(state.layer, order):
+        state.waves += 1
+        for expert, slot in zip(wave.tolist(), slots.tolist(), strict=True):
+            start, n = run[expert]
+            token, k = tokens[start : start + n], ks[start : start + n]
+            y = expert_ffn(self, hidden_states[token], pool.slot_tensors(slot))
+            y = y * top_k_weights[token, k, None]
+            out.index_add_(0, token, y.to(torch.float32))
+    return out.to(hidden_states.dtype)
+
+
+def register() -> None:
+    """Register the "remoe" experts implementation with transformers (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(EXPERTS_IMPLEMENTATION, remoe_experts_forward)

@@ -1,0 +1,343 @@
+"""`patch(model)` and `load(path)`: Hugging Face MoE models with their experts in the slot pool.
+
+patch: the experts of a model already in memory move into a host-tier ExpertStore (and out of
+the model), the pool serves them, each router becomes a `route_topk` subclass of itself, and the
+experts run through transformers' ExpertsInterface ("remoe"). `Handle.unpatch()` puts back the
+original weights (rebuilt byte for byte from the store), classes and experts implementation.
+
+load: builds the model with parameter-less experts modules, so `from_pretrained` never reads an
+expert tensor, then serves the experts from the checkpoint's safetensors files (or a file
+written by `remoe pack`) through the pool, under `memory_budget` or `slots_per_layer`.
+
+Shared experts, dense layers and each family's own block and return contract are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from remoe_engine import experts as experts_impl
+from remoe_engine import router as router_impl
+from remoe_engine.families import MoEBlock, family_of, find_moe_blocks, routing_spec
+
+POLICIES = ("lru", "lfu")
+STORES = ("host", "disk")
+
+
+@dataclass
+class Handle:
+    """What `patch()` / `load()` return (for `load`, also `model.remoe`)."""
+
+    model: nn.Module
+    blocks: list[MoEBlock]
+    pool: Any
+    store: Any
+    reuse_bias: float
+    bias_source: str
+    _restore: list = field(default_factory=list)
+    _hooks: list = field(default_factory=list)
+    _patched: bool = True
+
+    def stats(self) -> dict:
+        """Pool counters (hits, misses, evictions, bytes read/copied, stall seconds), per layer and
+        total, plus the routers' top-k agreement with the unbiased router when the bias is on."""
+        stats = self.pool.stats()
+        agree = sum(b.router._remoe.agree for b in self.blocks if hasattr(b.router, "_remoe"))
+        routed = sum(b.router._remoe.routed for b in self.blocks if hasattr(b.router, "_remoe"))
+        stats["topk_agreement"] = agree / routed if routed else 1.0
+        stats["reuse_bias"] = self.reuse_bias
+        stats["bias_source"] = self.bias_source
+        stats["waves"] = sum(b.experts._remoe.waves for b in self.blocks
+                             if "_remoe" in b.experts.__dict__)
+        return stats
+
+    def reset_stats(self) -> None:
+        self.pool.reset_stats()
+        for block in self.blocks:
+            if hasattr(block.router, "_remoe"):
+                block.router._remoe.agree = block.router._remoe.routed = 0
+
+    def unpatch(self) -> nn.Module:
+        """Restore the original model: weights (rebuilt from the store), routers, experts
+        implementation. Returns the model."""
+        if not self._patched:
+            return self.model
+        for hook in self._hooks:
+            hook.remove()
+        for undo in reversed(self._restore):
+            undo()
+        self._patched = False
+        return self.model
+
+
+def _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source):
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if store not in STORES:
+        raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    if bias_source not in router_impl.BIAS_SOURCES:
+        raise ValueError(
+            f"bias_source must be one of {router_impl.BIAS_SOURCES}, got {bias_source!r}")
+    if not (reuse_bias >= 0.0 and reuse_bias < float("inf")):
+        raise ValueError(f"reuse_bias must be a finite number >= 0, got {reuse_bias!r}")
+    if slots_per_layer is not None and memory_budget is not None:
+        raise ValueError("give slots_per_layer or memory_budget, not both")
+    if slots_per_layer is not None and slots_per_layer < 1:
+        raise ValueError(f"slots_per_layer must be >= 1, got {slots_per_layer}")
+    if memory_budget is not None:
+        from remoe_engine.pool import parse_bytes
+
+        parse_bytes(memory_budget)  # a bad string fails here, before the model is touched
+
+
+def _make_pool(store, device, slots_per_layer, memory_budget, policy, **pool_kwargs):
+    from remoe_engine.pool import SlotPool
+
+    if slots_per_layer is None and memory_budget is None:
+        slots_per_layer = store.num_experts  # no budget: every expert fits
+    return SlotPool(store, device=device, slots_per_layer=slots_per_layer,
+                    memory_budget=memory_budget, policy=policy, **pool_kwargs)
+
+
+def _restore_experts(blocks: list[MoEBlock], store, devices: list[torch.device],
+                     requires_grad: list[bool]) -> None:
+    """Put the experts back as parameters, rebuilt byte for byte from the host-tier store."""
+    E = store.num_experts
+    for i, block in enumerate(blocks):
+        views = store.layout.views(store.host_blobs[i * E : (i + 1) * E])  # name -> [E, *shape]
+        for name, tensor in views.items():
+            param = nn.Parameter(tensor.to(devices[i], copy=True), requires_grad=requires_grad[i])
+            setattr(block.experts, name, param)
+
+
+def _host_copy(store):
+    """A host-tier copy of a disk-tier store (every expert read once into host memory)."""
+    from remoe_engine.store import ExpertStore
+
+    E = store.num_experts
+    blobs = torch.empty(len(store.layers) * E, store.layout.slot_bytes, dtype=torch.uint8,
+                        pin_memory=torch.cuda.is_available())
+    for i, layer in enumerate(store.layers):
+        for e in range(E):
+            blobs[i * E + e].copy_(store.read_expert(layer, e))
+    return ExpertStore(layout=store.layout, layers=store.layers, num_experts=E,
+                       model_type=store.model_type, source=store.source, host_blobs=blobs)
+
+
+def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device, *,
+            reuse_bias: float, bias_source: str, handle: Handle) -> None:
+    """Swap routers, install the experts implementation and the sequence hooks."""
+    spec = routing_spec(model)
+    for block in blocks:
+        state = router_impl.RouterState(layer=block.layer_idx, spec=spec, reuse_bias=reuse_bias,
+                                        bias_source=bias_source)
+        state.resident = _resident_fn(pool, block.layer_idx, device, block.experts.num_experts)
+        router_impl.install(block.router, state)
+        handle._restore.append(lambda r=block.router: router_impl.uninstall(r))
+        block.experts._remoe = experts_impl.ExpertsState(layer=block.layer_idx, pool=pool)
+        handle._restore.append(lambda e=block.experts: e.__dict__.pop("_remoe", None))
+        # The block sees [B, S, H]: tell the router the sequence shape ("previous" bias source).
+        handle._hooks.append(block.block.register_forward_pre_hook(
+            lambda mod, args, st=state: setattr(st, "batch_shape", _batch_shape(args))))
+    # A forward with an empty cache starts new sequences: forget the previous tokens' experts.
+    handle._hooks.append(model.register_forward_pre_hook(
+        lambda mod, args, kwargs: _maybe_new_sequences(blocks, kwargs), with_kwargs=True))
+
+    experts_impl.register()
+    previous_impl = model.config._experts_implementation
+    model.set_experts_implementation(experts_impl.EXPERTS_IMPLEMENTATION)
+    handle._restore.append(lambda: model.set_experts_implementation(previous_impl))
+    # generate() must not auto-compile around host syncs and Python loops.
+    previous_disable = getattr(model.generation_config, "disable_compile", False)
+    model.generation_config.disable_compile = True
+    handle._restore.append(
+        lambda: setattr(model.generation_config, "disable_compile", previous_disable))
+
+
+def _resident_fn(pool, layer: int, device: torch.device, num_experts: int):
+    def resident() -> torch.Tensor:
+        mask = torch.zeros(num_experts, dtype=torch.bool)  # [E]
+        mask[list(pool.resident(layer))] = True
+        return mask.to(device, non_blocking=True)
+    return resident
+
+
+def _batch_shape(args) -> tuple[int, int] | None:
+    hidden = args[0] if args else None
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+        return int(hidden.shape[0]), int(hidden.shape[1])
+    return None
+
+
+def _maybe_new_sequences(blocks: list[MoEBlock], kwargs: dict) -> None:
+    cache = kwargs.get("past_key_values")
+    length = 0
+    if cache is not None:
+        try:
+            length = int(cache.get_seq_length())
+        except (AttributeError, TypeError):
+            length = 0
+    if length == 0:
+        for block in blocks:
+            if hasattr(block.router, "_remoe"):
+                block.router._remoe.previous_ids = None
+
+
+def _blocks_or_raise(model: nn.Module) -> list[MoEBlock]:
+    family_of(model.config)  # raises NotImplementedError naming the class for unknown families
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise NotImplementedError(
+            f"{type(model).__name__}: no MoE block with fused experts was found")
+    return blocks
+
+
+def patch(model: nn.Module, *, slots_per_layer: int | None = None,
+          memory_budget: int | str | None = None, policy: str = "lru", store: str = "host",
+          reuse_bias: float = 0.0, bias_source: str = "resident") -> Handle:
+    """Serve the experts of an in-memory transformers MoE model from the slot pool.
+
+    Args:
+        model: a transformers v5 MoE model of a supported family (`families.FAMILIES`).
+        slots_per_layer: expert slots per MoE layer (per-layer pool scope).
+        memory_budget: bytes (or "6GiB") for one global pool. Neither given: every expert fits.
+        policy: eviction policy, "lru" or "lfu".
+        store: "host" (the experts move to host memory, pinned on CUDA machines).
+        reuse_bias: added to the selection score of preferred experts (0 = exact routing).
+        bias_source: "resident" (experts in the pool) or "previous" (the previous token's).
+    Returns:
+        a Handle with stats() and unpatch().
+    """
+    from remoe_engine.store import ExpertStore
+
+    _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source)
+    if store != "host":
+        raise ValueError("patch() takes a model in memory: store must be 'host' "
+                         "(use remoe_engine.load(path, store='disk') to stream from files)")
+    if getattr(model, "_remoe_patched", False):
+        raise RuntimeError(f"{type(model).__name__} is already patched; unpatch() it first")
+    blocks = _blocks_or_raise(model)
+    first = [next(b.experts.parameters()) for b in blocks]
+    devices = [p.device for p in first]
+    requires_grad = [p.requires_grad for p in first]
+    device = devices[0]
+    # take=True: each layer's experts leave the model right after they are copied.
+    expert_store = ExpertStore.from_model(model, take=True)
+    handle = Handle(model, blocks, None, expert_store, reuse_bias, bias_source)
+    handle._restore.append(
+        lambda: _restore_experts(blocks, expert_store, devices, requires_grad))
+    try:
+        handle.pool = _make_pool(expert_store, device, slots_per_layer, memory_budget, policy)
+    except Exception:
+        handle.unpatch()  # a bad budget must not leave the model without its experts
+        raise
+    _attach(model, blocks, handle.pool, device, reuse_bias=reuse_bias, bias_source=bias_source,
+            handle=handle)
+    model._remoe_patched = True
+    handle._restore.append(lambda: model.__dict__.pop("_remoe_patched", None))
+    return handle
+
+
+# ------------------------------------------------------------------------------------- load
+
+
+def _experts_classes(model_class: type) -> dict[str, type]:
+    """Experts classes (decorated with use_experts_implementation) of a model's modeling file."""
+    module = importlib.import_module(model_class.__module__)
+    return {name: obj for name, obj in vars(module).items()
+            if inspect.isclass(obj) and issubclass(obj, nn.Module) and name.endswith("Experts")
+            and hasattr(obj, "_apply_gate")}
+
+
+def _parameterless(original: type) -> type:
+    """A subclass of an experts class that builds no parameters (so none is ever read)."""
+
+    def __init__(self, config, *args, **kwargs):
+        with torch.device("meta"):
+            original.__init__(self, config, *args, **kwargs)
+        for name in [n for n, _ in self.named_parameters(recurse=False)]:
+            delattr(self, name)
+
+    return type(f"Offloaded{original.__name__}", (original,), {
+        "__init__": __init__,
+        # transformers' post-load init would otherwise try to initialize the missing weights.
+        "_is_hf_initialized": True,
+    })
+
+
+@contextlib.contextmanager
+def _experts_never_loaded(model_class: type):
+    module = importlib.import_module(model_class.__module__)
+    saved = _experts_classes(model_class)
+    ignored = getattr(model_class, "_keys_to_ignore_on_load_unexpected", None)
+    try:
+        for name, cls in saved.items():
+            setattr(module, name, _parameterless(cls))
+        # The expert keys are on disk but have no parameter: expected, not worth a warning.
+        model_class._keys_to_ignore_on_load_unexpected = [
+            *(ignored or []), r"\.experts\.", r"block_sparse_moe\.experts\."]
+        yield
+    finally:
+        for name, cls in saved.items():
+            setattr(module, name, cls)
+        model_class._keys_to_ignore_on_load_unexpected = ignored
+
+
+def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
+         slots_per_layer: int | None = None, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None, store: str = "disk", policy: str = "lru",
+         reuse_bias: float = 0.0, bias_source: str = "resident", packed: str | None = None,
+         num_threads: int = 4, o_direct: bool = False, **from_pretrained_kwargs) -> nn.Module:
+    """Load a transformers MoE checkpoint without ever materializing its experts.
+
+    Args:
+        path: a Hugging Face checkpoint directory (safetensors, one or many shards).
+        memory_budget: bytes or "6GiB" for the expert pool (global scope).
+        slots_per_layer: expert slots per MoE layer instead of a budget.
+        device: where the model and the pool live (default: cuda if available, else cpu).
+        dtype: model dtype (default: the checkpoint's).
+        store: "disk" (read experts from the files on each miss) or "host" (read them all into
+            host memory once; pinned on CUDA machines).
+        policy, reuse_bias, bias_source: as for `patch`.
+        packed: a file written by `remoe pack` to read experts from instead of the checkpoint.
+        num_threads: reader threads of the pool (concurrent storage reads).
+        o_direct: read the packed file with O_DIRECT, bypassing the page cache.
+    Returns:
+        the transformers model; `model.remoe` is its Handle.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from remoe_engine.store import ExpertStore
+
+    _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source)
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a checkpoint directory")
+    config = AutoConfig.from_pretrained(path)
+    family_of(config)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    with _experts_never_loaded(model_class):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
+                                                     **from_pretrained_kwargs)
+    model.to(device).eval()
+    blocks = _blocks_or_raise(model)
+    expert_store = (ExpertStore.from_packed(packed) if packed is not None
+                    else ExpertStore.from_checkpoint(path))
+    if store == "host":
+        expert_store = _host_copy(expert_store)
+    pool = _make_pool(expert_store, device, slots_per_layer, memory_budget, policy,
+                      num_threads=num_threads, o_direct=o_direct)
+    handle = Handle(model, blocks, pool, expert_store, reuse_bias, bias_source)
+    _attach(model, blocks, pool, device, reuse_bias=reuse_bias, bias_source=bias_source,
+            handle=handle)
+    model.remoe = handle
+    return model

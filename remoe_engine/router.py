@@ -1,0 +1,137 @@
+"""The router swap: each MoE router becomes an instance of a subclass of its own class whose
+forward calls the fused `route_topk` op.
+
+Keeping the instance (and subclassing its class) keeps its parameters, buffers, state_dict keys
+and transformers' `output_router_logits` capture, which matches routers with `isinstance`.
+The forward returns the family's contract `(router_logits [T, E], weights [T, K], ids [T, K])`.
+
+Cache-aware routing: with `reuse_bias > 0` the selection score of preferred experts gets the
+bias; `bias_source="resident"` prefers the experts in the slot pool now, `"previous"` the experts
+the previous token of the same sequence chose at this layer (reproducible whatever the cache
+state). The weights always come from the unbiased scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from remoe_engine.families import RoutingSpec
+from remoe_engine.ops import route_topk
+
+BIAS_SOURCES = ("resident", "previous")
+
+
+@dataclass
+class RouterState:
+    """What a patched router needs besides its own parameters."""
+
+    layer: int  # dense MoE-layer index (0..L-1) used by the pool
+    spec: RoutingSpec
+    reuse_bias: float = 0.0
+    bias_source: str = "resident"
+    # "resident": returns the bool [E] residency of this layer on the logits' device.
+    resident: Callable[[], torch.Tensor] | None = None
+    # Sequence shape (B, S) of the current forward, set by a pre-hook on the MoE block.
+    batch_shape: tuple[int, int] | None = None
+    # "previous": the ids [B, K] the last token of each sequence chose; None at a sequence start.
+    previous_ids: torch.Tensor | None = None
+    # Top-k agreement with the unbiased router, counted when the bias is on.
+    agree: int = 0
+    routed: int = 0
+    extra_op_kwargs: dict = field(default_factory=dict)
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def patched_router_class(original: type) -> type:
+    """A subclass of `original` whose forward uses `route_topk` (one class per original)."""
+    if getattr(original, "_remoe_original_class", None) is not None:
+        return original
+    if original not in _SUBCLASSES:
+        _SUBCLASSES[original] = type(
+            f"Remoe{original.__name__}", (original,),
+            {"forward": _patched_forward, "_remoe_original_class": original,
+             "__doc__": f"{original.__name__} routed by remoe_engine.ops.route_topk."},
+        )
+    return _SUBCLASSES[original]
+
+
+def _router_logits(router: nn.Module, hidden: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """The family's own logits, bit for bit: fp32 for DeepSeek, with the bias for GPT-OSS."""
+    weight = router.weight
+    if spec.logits_in_fp32:
+        hidden, weight = hidden.float(), weight.float()
+    return F.linear(hidden, weight, getattr(router, "bias", None))
+
+
+def _patched_forward(self, hidden_states: torch.Tensor):
+    state: RouterState = self._remoe
+    spec = state.spec
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+    logits = _router_logits(self, hidden, spec)  # [T, E]
+    kwargs = {**spec.op_kwargs(self), **state.extra_op_kwargs}
+    bias = 0.0 if self.training else state.reuse_bias  # the bias is an inference-time lever
+    if bias == 0.0:
+        weights, ids = route_topk(logits, spec.top_k, **kwargs)
+    elif state.bias_source == "resident":
+        prefer = state.resident()  # [E] bool
+        weights, ids = route_topk(logits, spec.top_k, prefer=prefer, reuse_bias=bias, **kwargs)
+    else:
+        weights, ids = _route_with_previous(state, logits, kwargs)
+    if bias != 0.0:
+        _, unbiased = route_topk(logits, spec.top_k, **kwargs)
+        # [T, K] x [T, K] -> matches per token; one host sync, only when the bias is on.
+        state.agree += int((ids.unsqueeze(-1) == unbiased.unsqueeze(-2)).any(-1).sum())
+        state.routed += ids.numel()
+    if spec.weights_in_logits_dtype:
+        weights = weights.to(logits.dtype)
+    return logits, weights, ids
+
+
+def _route_with_previous(state: RouterState, logits: torch.Tensor, kwargs: dict):
+    """Route token by token within each sequence: token s prefers the ids token s-1 chose.
+
+    Decode (S = 1) is one call; prefill walks the S positions with all B sequences at once.
+    """
+    T, E = logits.shape
+    B, S = state.batch_shape if state.batch_shape is not None else (1, T)
+    if B * S != T:  # a caller that flattened differently: treat as one sequence
+        B, S = 1, T
+    per_seq = logits.view(B, S, E)
+    weights = logits.new_empty(B, S, state.spec.top_k, dtype=torch.float32)
+    ids = torch.empty(B, S, state.spec.top_k, dtype=torch.int64, device=logits.device)
+    previous = state.previous_ids if state.previous_ids is not None else None
+    if previous is not None and previous.shape[0] != B:
+        previous = None
+    for s in range(S):
+        if previous is None:
+            w, i = route_topk(per_seq[:, s], state.spec.top_k, **kwargs)
+        else:
+            prefer = torch.zeros(B, E, dtype=torch.bool, device=logits.device)
+            prefer.scatter_(1, previous, True)
+            w, i = route_topk(per_seq[:, s], state.spec.top_k, prefer=prefer,
+                              reuse_bias=state.reuse_bias, **kwargs)
+        weights[:, s], ids[:, s] = w, i
+        previous = i
+    state.previous_ids = previous
+    return weights.view(T, -1), ids.view(T, -1)
+
+
+def install(router: nn.Module, state: RouterState) -> None:
+    """Swap `router` to the patched subclass in place (reversible with `uninstall`)."""
+    router._remoe = state
+    router.__class__ = patched_router_class(type(router))
+
+
+def uninstall(router: nn.Module) -> None:
+    original = getattr(type(router), "_remoe_original_class", None)
+    if original is not None:
+        router.__class__ = original
+    if "_remoe" in router.__dict__:
+        del router.__dict__["_remoe"]

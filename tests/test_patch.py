@@ -1,0 +1,283 @@
+"""patch() and load(): the patched / loaded model gives the unpatched transformers model's logits
+and greedy tokens, for every family, at a full cache and at slots_per_layer = top_k."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import hf_tiny
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import remoe_engine
+from remoe_engine import reference as ref
+from remoe_engine.families import find_moe_blocks, routing_spec
+
+ATOL = 1e-5
+
+
+def _inputs(model, batch: int, seq: int = 12, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _generate(model, ids, n=6):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                              pad_token_id=0)
+
+
+def _top_k(model) -> int:
+    return routing_spec(model).top_k
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", hf_tiny.ALL_VARIANTS, ids=hf_tiny.variant_id)
+@pytest.mark.parametrize("cache", ["full", "top_k"])
+def test_patch_matches_transformers(variant, cache):
+    model_type, extra = variant
+    model = hf_tiny.build(model_type, **extra)
+    for batch in (1, 4):
+        ids = _inputs(model, batch)
+        want_logits, want_tokens = _logits(model, ids), _generate(model, ids)
+        before = _state(model)
+        slots = None if cache == "full" else _top_k(model)
+        handle = remoe_engine.patch(model, slots_per_layer=slots)
+        # The experts really left the model (meta placeholders keep the module's shape).
+        assert all(p.is_meta for b in handle.blocks for p in b.experts.parameters())
+        got_logits, got_tokens = _logits(model, ids), _generate(model, ids)
+        stats = handle.stats()
+        handle.unpatch()
+        torch.testing.assert_close(got_logits, want_logits, atol=ATOL, rtol=0)
+        assert torch.equal(got_tokens, want_tokens)
+        assert stats["hits"] + stats["misses"] > 0
+        if cache == "top_k":
+            assert stats["misses"] > 0
+        after = model.state_dict()
+        assert before.keys() == after.keys()
+        for key, value in before.items():
+            assert torch.equal(after[key], value), f"{key} changed across patch/unpatch"
+
+
+def test_router_logits_capture_still_works():
+    model = hf_tiny.build("qwen3_moe")
+    ids = _inputs(model, 2)
+    with torch.no_grad():
+        want = model(ids, output_router_logits=True)
+    handle = remoe_engine.patch(model, slots_per_layer=4)
+    with torch.no_grad():
+        got = model(ids, output_router_logits=True)
+    handle.unpatch()
+    assert len(got.router_logits) == len(want.router_logits) > 0
+    # Layer 0 sees the same hidden states, so its logits are bit-identical; later layers see
+    # expert outputs summed in another order (fp32 rounding).
+    torch.testing.assert_close(got.router_logits[0], want.router_logits[0], atol=0, rtol=0)
+    for a, b in zip(got.router_logits, want.router_logits, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.aux_loss, want.aux_loss, atol=1e-6, rtol=0)
+
+
+def test_waves_when_a_layer_needs_more_experts_than_the_pool_holds():
+    model = hf_tiny.build("qwen3_moe", num_experts=16, num_experts_per_tok=4)
+    ids = _inputs(model, 4, seq=32)
+    want = _logits(model, ids)
+    handle = remoe_engine.patch(model, slots_per_layer=4)  # 16 experts, 4 slots
+    got = _logits(model, ids)
+    stats = handle.stats()
+    handle.unpatch()
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    layers = len(handle.blocks)
+    assert stats["waves"] >= 4 * layers  # every layer needed all 16 experts: >= 4 waves each
+
+
+def test_global_memory_budget():
+    model = hf_tiny.build("olmoe")
+    ids = _inputs(model, 2)
+    want = _logits(model, ids)
+    block = find_moe_blocks(model)[0]
+    expert_bytes = sum(p[0].numel() * p.element_size() for p in block.experts.parameters())
+    handle = remoe_engine.patch(model, memory_budget=3 * expert_bytes + 17)  # 3 slots in all
+    got = _logits(model, ids)
+    assert handle.pool.num_slots == 3
+    handle.unpatch()
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_unsupported_model_is_a_clear_error():
+    config = AutoConfig.for_model("llama", **{**hf_tiny.COMMON, "intermediate_size": 32})
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(NotImplementedError, match=r"'llama'.*LlamaConfig.*supported: .*qwen3_moe"):
+        remoe_engine.patch(model)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(policy="fifo"), "policy must be one of"),
+    (dict(bias_source="future"), "bias_source must be one of"),
+    (dict(reuse_bias=-1.0), "reuse_bias must be a finite number"),
+    (dict(slots_per_layer=2, memory_budget="1MiB"), "not both"),
+    (dict(slots_per_layer=0), "slots_per_layer must be >= 1"),
+    (dict(memory_budget="lots"), "cannot parse a byte size from 'lots'"),
+    (dict(memory_budget=10), "less than one"),
+])
+def test_bad_arguments_are_clear_errors_and_leave_the_model_alone(kwargs, match):
+    model = hf_tiny.build("qwen3_moe")
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        remoe_engine.patch(model, **kwargs)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# ------------------------------------------------------------------ reuse bias: routing only
+
+
+def _reference_previous_bias_hooks(model, reuse_bias):
+    """Forward hooks making the unpatched routers route like bias_source='previous', with the
+    pure-PyTorch reference (token s of each sequence prefers token s-1's experts)."""
+    spec = routing_spec(model)
+    hooks = []
+    shapes = {}
+    for block in find_moe_blocks(model):
+        def pre(mod, args, key=block.name):
+            shapes[key] = args[0].shape[:2]
+
+        def post(mod, args, output, key=block.name):
+            logits = output[0]
+            B, S = shapes[key]
+            per_seq = logits.view(B, S, -1)
+            weights, ids, previous = [], [], None
+            for s in range(S):
+                prefer = None
+                if previous is not None:
+                    prefer = torch.zeros_like(per_seq[:, s], dtype=torch.bool)
+                    prefer.scatter_(1, previous, True)
+                w, i = ref.route_topk(per_seq[:, s], spec.top_k, prefer=prefer,
+                                      reuse_bias=reuse_bias, **spec.op_kwargs(mod))
+                weights.append(w)
+                ids.append(i)
+                previous = i
+            w = torch.stack(weights, 1).reshape(B * S, -1)
+            i = torch.stack(ids, 1).reshape(B * S, -1)
+            return logits, (w.to(logits.dtype) if spec.weights_in_logits_dtype else w), i
+
+        hooks.append(block.block.register_forward_pre_hook(pre))
+        hooks.append(block.router.register_forward_hook(post))
+    return hooks
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_reuse_bias_changes_outputs_only_through_routing(model_type):
+    model = hf_tiny.build(model_type)
+    ids = _inputs(model, 2, seq=10)
+    bias = 0.3 if model_type == "gpt_oss" else 0.05  # logit units for GPT-OSS
+    hooks = _reference_previous_bias_hooks(model, bias)
+    want = _logits(model, ids)
+    for hook in hooks:
+        hook.remove()
+    plain = _logits(model, ids)
+    handle = remoe_engine.patch(model, slots_per_layer=4, reuse_bias=bias, bias_source="previous")
+    got = _logits(model, ids)
+    stats = handle.stats()
+    handle.unpatch()
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the bias did change the routing
+    assert 0.0 < stats["topk_agreement"] < 1.0
+
+
+def test_resident_bias_prefers_pool_experts_and_reports_agreement():
+    model = hf_tiny.build("qwen3_moe", num_experts=16, num_experts_per_tok=2)
+    ids = _inputs(model, 1, seq=24)
+    handle = remoe_engine.patch(model, slots_per_layer=4, reuse_bias=10.0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    handle.reset_stats()
+    with torch.no_grad():
+        model.generate(ids[:, -1:], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    stats = handle.stats()
+    handle.unpatch()
+    # With an overwhelming bias every decode token stays inside the resident set: no misses
+    # beyond the first token of the new sequence.
+    assert stats["misses"] <= 2 * len(handle.blocks)
+    assert stats["topk_agreement"] < 1.0
+
+
+# ------------------------------------------------------------------ load()
+
+
+@pytest.mark.parametrize("variant", hf_tiny.ALL_VARIANTS, ids=hf_tiny.variant_id)
+def test_load_matches_transformers(variant, tmp_path):
+    model_type, extra = variant
+    model = hf_tiny.build(model_type, **extra)
+    model.save_pretrained(tmp_path, max_shard_size="60KB")  # sharded, with an index
+    ids = _inputs(model, 4)
+    want_logits, want_tokens = _logits(model, ids), _generate(model, ids)
+    loaded = remoe_engine.load(tmp_path, slots_per_layer=_top_k(model), dtype=torch.float32)
+    # No expert parameter was ever materialized.
+    assert all(not any(True for _ in b.experts.parameters()) for b in find_moe_blocks(loaded))
+    torch.testing.assert_close(_logits(loaded, ids), want_logits, atol=ATOL, rtol=0)
+    assert torch.equal(_generate(loaded, ids), want_tokens)
+    assert loaded.remoe.stats()["bytes_read"] > 0
+
+
+def test_load_from_packed_file(tmp_path):
+    from remoe_engine.store import ExpertStore
+
+    model = hf_tiny.build("mixtral")
+    model.save_pretrained(tmp_path / "ckpt")
+    ExpertStore.from_checkpoint(tmp_path / "ckpt").pack(tmp_path / "experts.remoe")
+    ids = _inputs(model, 2)
+    loaded = remoe_engine.load(tmp_path / "ckpt", slots_per_layer=2, dtype=torch.float32,
+                               packed=str(tmp_path / "experts.remoe"))
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=ATOL, rtol=0)
+
+
+def test_load_peak_rss_stays_under_non_experts_plus_budget(tmp_path):
+    """In a fresh process: the checkpoint's experts are >= 4x the budget, and peak RSS of load +
+    generate stays under (process baseline + non-expert weights + budget + margin)."""
+    model = hf_tiny.build("qwen3_moe", hidden_size=256, moe_intermediate_size=256, num_experts=32,
+                          num_experts_per_tok=2, vocab_size=512)
+    model.save_pretrained(tmp_path)
+    blocks = find_moe_blocks(model)
+    expert_bytes = sum(p.numel() * p.element_size() for b in blocks for p in b.experts.parameters())
+    total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    non_expert = total_bytes - expert_bytes
+    budget = expert_bytes // 5
+    script = textwrap.dedent(f"""
+        import json, resource, sys, torch
+        import remoe_engine
+        from transformers import AutoConfig
+        AutoConfig.from_pretrained({str(tmp_path)!r})  # imports done: measure from here
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model = remoe_engine.load({str(tmp_path)!r}, memory_budget={budget}, dtype=torch.float32)
+        ids = torch.randint(0, 512, (1, 32))
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps(dict(base=base, peak=peak, stats=model.remoe.stats())))
+    """)
+    # The child imports the same remoe_engine as this process (installed or a source tree).
+    package_root = os.path.dirname(os.path.dirname(remoe_engine.__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": package_root}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         check=True, cwd=str(tmp_path))
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert expert_bytes >= 4 * budget
+    margin = 64 * 2**20  # allocator slack, activations, the KV cache, safetensors headers
+    growth = result["peak"] - result["base"]
+    assert growth <= non_expert + budget + margin, (
+        f"RSS grew {growth / 2**20:.1f} MiB; allowed {(non_expert + budget + margin) / 2**20:.1f} "
+        f"MiB (experts {expert_bytes / 2**20:.1f} MiB)")
+    assert growth < expert_bytes  # the experts were never all in memory
