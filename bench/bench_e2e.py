@@ -26,6 +26,7 @@ Run:  pytest bench/bench_e2e.py --benchmark-json=/tmp/e2e.json
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -106,16 +107,26 @@ def _copy_gbps(nbytes: int) -> float:
     return 64 * nbytes / best / 1e9
 
 
+def _cache(out):
+    # transformers 5.24 renamed past_key_values to cache.
+    return out.cache if "cache" in out else out.past_key_values
+
+
+def _step(model, token, cache):
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(token, use_cache=True, **{name: cache})
+
+
 def _decode(model, prompt):
     """Prefill, then NEW_TOKENS greedy decode steps; returns per-step seconds."""
     with torch.no_grad():
         out = model(prompt, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = _cache(out), out.logits[:, -1:].argmax(-1)
         steps = []
         for _ in range(NEW_TOKENS):
             start = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = _step(model, token, cache)
+            cache, token = _cache(out), out.logits[:, -1:].argmax(-1)
             steps.append(time.perf_counter() - start)
     return steps
 
@@ -173,11 +184,11 @@ def test_remoe(benchmark, checkpoint, store, slots):
     model.remoe.reset_stats()
     with torch.no_grad():
         out = model(checkpoint["prompt"], use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = _cache(out), out.logits[:, -1:].argmax(-1)
         model.remoe.reset_stats()
         for _ in range(NEW_TOKENS):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = _step(model, token, cache)
+            cache, token = _cache(out), out.logits[:, -1:].argmax(-1)
     stats = model.remoe.stats()
     bandwidth = checkpoint["copy_gbps"] if store == "host" else checkpoint["read_gbps"]
     _record(benchmark, f"remoe_{store}-slots{slots}", model, checkpoint, steps, stats, bandwidth)

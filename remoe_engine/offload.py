@@ -178,7 +178,8 @@ def _batch_shape(args) -> tuple[int, int] | None:
 
 
 def _maybe_new_sequences(blocks: list[MoEBlock], kwargs: dict) -> None:
-    cache = kwargs.get("past_key_values")
+    # transformers 5.24 renamed `past_key_values` to `cache`; accept both.
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     length = 0
     if cache is not None:
         try:

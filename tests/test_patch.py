@@ -3,6 +3,7 @@ and greedy tokens, for every family, at a full cache and at slots_per_layer = to
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -35,6 +36,24 @@ def _generate(model, ids, n=6):
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n,
                               pad_token_id=0)
+
+
+def _cache_kwarg(model, out) -> dict:
+    """transformers 5.24 renamed `past_key_values` to `cache` (in outputs and forward)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: out.cache if "cache" in out else out.past_key_values}
+
+
+def _decode_logits(model, ids, n=8):
+    """Prefill, then n greedy decode steps with the KV cache; logits of every step [B, n, V]."""
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        steps = []
+        for _ in range(n):
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(token, **_cache_kwarg(model, out), use_cache=True)
+            steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1)
 
 
 def _top_k(model) -> int:
@@ -150,6 +169,7 @@ def _reference_previous_bias_hooks(model, reuse_bias):
     spec = routing_spec(model)
     hooks = []
     shapes = {}
+    last = {}  # block -> ids [B, K] of each sequence's last token (kept across decode steps)
     for block in find_moe_blocks(model):
         def pre(mod, args, key=block.name):
             shapes[key] = args[0].shape[:2]
@@ -158,7 +178,8 @@ def _reference_previous_bias_hooks(model, reuse_bias):
             logits = output[0]
             B, S = shapes[key]
             per_seq = logits.view(B, S, -1)
-            weights, ids, previous = [], [], None
+            weights, ids = [], []
+            previous = last.get(key) if S == 1 else None  # a prompt starts new sequences
             for s in range(S):
                 prefer = None
                 if previous is not None:
@@ -169,6 +190,7 @@ def _reference_previous_bias_hooks(model, reuse_bias):
                 weights.append(w)
                 ids.append(i)
                 previous = i
+            last[key] = previous
             w = torch.stack(weights, 1).reshape(B * S, -1)
             i = torch.stack(ids, 1).reshape(B * S, -1)
             return logits, (w.to(logits.dtype) if spec.weights_in_logits_dtype else w), i
@@ -184,15 +206,17 @@ def test_reuse_bias_changes_outputs_only_through_routing(model_type):
     ids = _inputs(model, 2, seq=10)
     bias = 0.3 if model_type == "gpt_oss" else 0.05  # logit units for GPT-OSS
     hooks = _reference_previous_bias_hooks(model, bias)
-    want = _logits(model, ids)
+    want, want_steps = _logits(model, ids), _decode_logits(model, ids)
     for hook in hooks:
         hook.remove()
     plain = _logits(model, ids)
     handle = remoe_engine.patch(model, slots_per_layer=4, reuse_bias=bias, bias_source="previous")
-    got = _logits(model, ids)
+    got, got_steps = _logits(model, ids), _decode_logits(model, ids)
     stats = handle.stats()
     handle.unpatch()
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    # Decode: the bias follows each sequence across steps exactly as the reference does.
+    torch.testing.assert_close(got_steps, want_steps, atol=ATOL, rtol=0)
     assert not torch.allclose(got, plain, atol=1e-3)  # the bias did change the routing
     assert 0.0 < stats["topk_agreement"] < 1.0
 
@@ -281,3 +305,24 @@ def test_load_peak_rss_stays_under_non_experts_plus_budget(tmp_path):
         f"RSS grew {growth / 2**20:.1f} MiB; allowed {(non_expert + budget + margin) / 2**20:.1f} "
         f"MiB (experts {expert_bytes / 2**20:.1f} MiB)")
     assert growth < expert_bytes  # the experts were never all in memory
+
+
+def test_prefill_waves_leave_the_last_tokens_experts_resident():
+    """After a prefill that needed waves, each layer's pool holds the experts of the prompt's
+    last token: the decode working set is what the prefill leaves behind."""
+    model = hf_tiny.build("qwen3_moe", num_experts=16, num_experts_per_tok=2)
+    ids = _inputs(model, 1, seq=32)
+    handle = remoe_engine.patch(model, slots_per_layer=4)
+    last_ids = {}
+    hooks = [b.router.register_forward_hook(
+        lambda mod, args, out, layer=b.layer_idx: last_ids.__setitem__(layer, out[2][-1].tolist()))
+        for b in handle.blocks]
+    _logits(model, ids)
+    for hook in hooks:
+        hook.remove()
+    stats = handle.stats()
+    resident = {b.layer_idx: set(handle.pool.resident(b.layer_idx)) for b in handle.blocks}
+    handle.unpatch()
+    assert stats["waves"] > len(handle.blocks)  # the prefill did need waves
+    for layer, experts in last_ids.items():
+        assert set(experts) <= resident[layer], f"layer {layer}: {experts} not in {resident[layer]}"
