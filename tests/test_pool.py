@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import remoe_engine
 from remoe_engine import ops
 from remoe_engine.pool import SlotPool, parse_bytes
 from remoe_engine.store import ExpertStore, SlotLayout
@@ -253,8 +254,12 @@ def test_rss_stays_within_budget_in_a_subprocess(tmp_path):
         print(json.dumps(dict(grew=rss() - base, allocated=pool.allocated_bytes,
                               read=pool.stats()["bytes_read"], slot=pool.slot_bytes)))
     """)
+    # cwd: not the repository root, whose source tree (without the built _C) would shadow the
+    # installed package; PYTHONPATH: the same remoe_engine this process imported.
+    package_root = os.path.dirname(os.path.dirname(remoe_engine.__file__))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, check=True)
+                         timeout=120, check=True, cwd=str(tmp_path),
+                         env={**os.environ, "PYTHONPATH": package_root})
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["allocated"] <= 6 * 2**20
     assert res["read"] == 2 * 96 * res["slot"] == 2 * 72 * 2**20  # every expert, twice
