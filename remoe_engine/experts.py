@@ -130,7 +130,10 @@ def remoe_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
             token, k = tokens[start : start + n], ks[start : start + n]
             y = expert_ffn(self, hidden_states[token], pool.slot_tensors(slot))
             y = y * top_k_weights[token, k, None]
-            out.index_add_(0, token, y.to(torch.float32))
+            # index_put_ rather than index_add_: on CPU, index_add_ goes through an OpenMP
+            # parallel region even for one row, which costs milliseconds per call on a busy
+            # machine; a token uses an expert once, so the rows are unique either way.
+            out.index_put_((token,), y.to(torch.float32), accumulate=True)
     return out.to(hidden_states.dtype)
 
 
