@@ -14,7 +14,7 @@ state). The weights always come from the unbiased scores.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,6 @@ class RouterState:
     # Top-k agreement with the unbiased router, counted when the bias is on.
     agree: int = 0
     routed: int = 0
-    extra_op_kwargs: dict = field(default_factory=dict)
 
 
 _SUBCLASSES: dict[type, type] = {}
@@ -75,7 +74,7 @@ def _patched_forward(self, hidden_states: torch.Tensor):
     spec = state.spec
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
     logits = _router_logits(self, hidden, spec)  # [T, E]
-    kwargs = {**spec.op_kwargs(self), **state.extra_op_kwargs}
+    kwargs = spec.op_kwargs(self)
     bias = 0.0 if self.training else state.reuse_bias  # the bias is an inference-time lever
     if bias == 0.0:
         weights, ids = route_topk(logits, spec.top_k, **kwargs)
