@@ -1,0 +1,146 @@
+"""Generate the README's results tables from bench/results/*.json (never typed by hand).
+
+    python bench/readme_table.py            # rewrite the block between the README markers
+    python bench/readme_table.py --check    # exit 1 if the README is out of date (tests use it)
+
+Each results family has its own summarizer; files of the same family are summarized newest
+first, so a new run replaces the figures it updates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _latest(pattern: str) -> tuple[str, dict] | None:
+    paths = sorted(glob.glob(os.path.join(ROOT, "bench", "results", pattern)))
+    if not paths:
+        return None
+    with open(paths[-1]) as f:
+        return os.path.relpath(paths[-1], ROOT), json.load(f)
+
+
+def routing_table() -> list[str]:
+    found = _latest("routing-cpu-*.json")
+    if not found:
+        return []
+    path, data = found
+    lines = [f"**Fused routing, CPU** ([`{path}`]({path}), {data['date']}, "
+             f"{data['versions'].get('threads', '?')} thread): speedup of `route_topk` over the "
+             "pure-PyTorch reference and over plain torch (softmax + bias + topk + gather), "
+             "min / median over the E x K grid.", "",
+             "| phase | reuse bias | shapes | vs reference | vs plain torch |",
+             "|---|---|---|---|---|"]
+    for phase in ("decode", "prefill"):
+        for bias in sorted({r["reuse_bias"] for r in data["rows"]}):
+            rows = [r for r in data["rows"] if r["phase"] == phase and r["reuse_bias"] == bias]
+            if not rows:
+                continue
+            ref = [r["speedup_vs_reference"] for r in rows]
+            torch_ = [r["speedup_vs_torch"] for r in rows]
+            ts = sorted({r["T"] for r in rows})
+            lines.append(f"| {phase} (T={','.join(map(str, ts))}) | {bias} | {len(rows)} | "
+                         f"{min(ref):.1f}x / {statistics.median(ref):.1f}x | "
+                         f"{min(torch_):.2f}x / {statistics.median(torch_):.2f}x |")
+    return lines
+
+
+def pool_table() -> list[str]:
+    found = _latest("pool-cpu-*.json")
+    if not found:
+        return []
+    path, data = found
+    lines = [f"**Expert reader, CPU** ([`{path}`]({path}), {data['date']}): packed file of "
+             f"{data['setup']['experts']} experts of {data['setup']['expert_bytes'] >> 20} MiB, "
+             "page cache dropped before every round.", "",
+             "| reader | threads | GB/s | raw read, same mode | fraction of raw |",
+             "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if r["provider"] == "pool":
+            lines.append(f"| pool, {r['mode']} | {r['threads']} | {r['gbps']:.2f} | "
+                         f"{r['raw_same_mode_gbps']:.2f} | {r['fraction_of_raw_same_mode']:.2f} |")
+    return lines
+
+
+def e2e_table() -> list[str]:
+    found = _latest("e2e-cpu-*.json")
+    if not found:
+        return []
+    path, data = found
+    m, res = data["model"], data["results"]
+    bw = res.get("bandwidth", {})
+    lines = [f"**Decode, CPU** ([`{path}`]({path}), {data['date']}): Qwen3-MoE shape, hidden "
+             f"{m['hidden']}, {m['layers']} layers, {m['experts']} experts, top-{m['top_k']}, "
+             f"{m['dtype']}, batch 1; storage read {bw.get('disk_read_gbps', 0):.2f} GB/s "
+             "(O_DIRECT).", "",
+             "| provider | slots/layer | TPOT ms (p50) | floor ms | hit rate | vs accelerate |",
+             "|---|---|---|---|---|---|"]
+    if "transformers" in res:
+        lines.append(f"| transformers, in memory | all | {res['transformers']['tpot_ms_p50']:.1f}"
+                     " | - | - | - |")
+    for name, row in res.items():
+        if not name.startswith(("remoe_", "accelerate_")):
+            continue
+        provider, slots = name.rsplit("-slots", 1)
+        floor = f"{row['floor_ms']:.1f}" if "floor_ms" in row else "-"
+        hit = f"{row['hit_rate']:.2f}" if "hit_rate" in row else "-"
+        speedup = (f"{row['speedup_vs_accelerate_disk']:.1f}x"
+                   if "speedup_vs_accelerate_disk" in row else "-")
+        lines.append(f"| {provider} | {slots} | {row['tpot_ms_p50']:.1f} | {floor} | {hit} | "
+                     f"{speedup} |")
+    return lines
+
+
+def gpu_table() -> list[str]:
+    found = _latest("gpu-*.json")
+    if not found:
+        return ["**GPU**: no GPU run recorded yet (`bash bench/gpu_check.sh` writes one)."]
+    path, data = found
+    t = data["tests"]
+    return [f"**GPU** ([`{path}`]({path}), {data['date']}, {data['gpu']}): CUDA tests "
+            f"{t.get('tests', 0) - t.get('failures', 0) - t.get('errors', 0)} passed of "
+            f"{t.get('tests', 0)}."]
+
+
+def render() -> str:
+    blocks = [table for table in (routing_table(), pool_table(), e2e_table(), gpu_table())
+              if table]
+    body = "\n\n".join("\n".join(block) for block in blocks)
+    return f"{BEGIN}\n<!-- generated by bench/readme_table.py from bench/results/*.json -->\n" \
+           f"{body}\n{END}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the README is stale")
+    args = parser.parse_args()
+    readme_path = os.path.join(ROOT, "README.md")
+    with open(readme_path) as f:
+        readme = f.read()
+    if BEGIN not in readme or END not in readme:
+        print(f"README.md has no {BEGIN} ... {END} block", file=sys.stderr)
+        return 1
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    updated = head + render() + tail
+    if args.check:
+        if updated != readme:
+            print("README.md results are stale: run python bench/readme_table.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    with open(readme_path, "w") as f:
+        f.write(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
