@@ -34,6 +34,13 @@ class ExpertsState:
     pool: Any  # remoe_engine.pool.SlotPool
     waves: int = 0  # waves run (more than forwards means the budget forced waves)
     forwards: int = 0
+    _slot_views: list | None = None  # per slot: name -> tensor views of the slot buffer
+
+    def slot_views(self, slot: int) -> dict[str, torch.Tensor]:
+        # The slot buffer never moves, so its views are made once, not per expert call.
+        if self._slot_views is None:
+            self._slot_views = [self.pool.slot_tensors(s) for s in range(self.pool.num_slots)]
+        return self._slot_views[slot]
 
 
 def expert_ffn(experts: nn.Module, x: torch.Tensor, weights: dict[str, torch.Tensor]):
@@ -106,6 +113,8 @@ def remoe_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
         return out.to(hidden_states.dtype)
     # Host sync: the pool resolves expert ids to slots on the host (one per layer per forward).
     ids_cpu = top_k_index.detach().to("cpu")  # [T, K]
+    if T == 1 and K <= pool.max_pinnable(state.layer):
+        return _decode_one_token(self, state, hidden_states, ids_cpu[0], top_k_weights, out)
     # Group the T*K (token, k) pairs by expert with one sort: positions [T*K], per-expert runs.
     flat = ids_cpu.reshape(-1)
     positions = torch.argsort(flat, stable=True)
@@ -128,12 +137,35 @@ def remoe_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
         for expert, slot in zip(wave.tolist(), slots.tolist(), strict=True):
             start, n = run[expert]
             token, k = tokens[start : start + n], ks[start : start + n]
-            y = expert_ffn(self, hidden_states[token], pool.slot_tensors(slot))
+            y = expert_ffn(self, hidden_states[token], state.slot_views(slot))
             y = y * top_k_weights[token, k, None]
             # index_put_ rather than index_add_: on CPU, index_add_ goes through an OpenMP
             # parallel region even for one row, which costs milliseconds per call on a busy
             # machine; a token uses an expert once, so the rows are unique either way.
             out.index_put_((token,), y.to(torch.float32), accumulate=True)
+    return out.to(hidden_states.dtype)
+
+
+def _decode_one_token(experts: nn.Module, state: ExpertsState, hidden_states: torch.Tensor,
+                      ids: torch.Tensor, top_k_weights: torch.Tensor,
+                      out: torch.Tensor) -> torch.Tensor:
+    """Decode (T = 1): the K experts are distinct, one acquire, no grouping.
+
+    Args:
+        hidden_states: [1, H]; ids: [K] int64 on the host; top_k_weights: [1, K]; out: [1, H] fp32.
+    """
+    keep = ids < experts.num_experts  # expert-parallel sentinels carry no work
+    ids = ids[keep] if not bool(keep.all()) else ids
+    columns = keep.nonzero().flatten().tolist()
+    state.forwards += 1
+    state.waves += 1
+    slots = state.pool.acquire(state.layer, ids)
+    try:
+        for column, slot in zip(columns, slots.tolist(), strict=True):
+            y = expert_ffn(experts, hidden_states, state.slot_views(slot))
+            out += (y * top_k_weights[:, column : column + 1]).to(torch.float32)
+    finally:
+        state.pool.release(state.layer, ids)
     return out.to(hidden_states.dtype)
 
 
