@@ -32,6 +32,20 @@ TORCH_LIBRARY(remoe, m) {
       "route_topk(Tensor logits, int top_k, str scoring, bool renormalize, Tensor? prefer, "
       "float reuse_bias, Tensor? correction_bias, int n_group, int topk_group, str group_score, "
       "float routed_scaling) -> (Tensor weights, Tensor ids)");
+  // Expert-cache replay (csrc/sim). requests [G, R, K] int32/int64 keys: G independent streams
+  // of R requests, each needing its K distinct keys resident at once (pinned together, so every
+  // capacity must be >= K). Returns hits [len(capacities), G, R] int32: keys of each request
+  // already resident. policy: "lru" | "lfu" (uses counted while resident, ties -> LRU) | "opt"
+  // (Belady: farthest next use, ties -> LRU). A request's keys are stamped in column order.
+  m.def("simulate_cache(Tensor requests, int[] capacities, str policy) -> Tensor hits");
+  // LRU stack distances under the same access model: requests [G, R, K] -> [G, R, K] int32,
+  // 1 + distinct keys used since the key's previous use (before this request), 0 on first use.
+  // With C >= K slots a key hits iff 1 <= distance <= C: every LRU size in one pass.
+  m.def("lru_stack_distances(Tensor requests) -> Tensor distances");
+  // LRU at every capacity from one stack-distance pass per stream: hits [len(capacities), G, R]
+  // int32, equal to simulate_cache(requests, capacities, "lru").
+  m.def("lru_sweep(Tensor requests, int[] capacities) -> Tensor hits");
+
   // torch.classes.remoe.SlotPool: the expert slot pool (csrc/pool/slot_pool.h; facade and policy
   // specification in remoe_engine/pool.py).
   remoe::register_slot_pool(m);

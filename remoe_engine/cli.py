@@ -14,6 +14,8 @@ import sys
 _COMMAND_MODULES = [
     "remoe_engine.commands.version",
     "remoe_engine.commands.demo",
+    "remoe_engine.commands.trace",
+    "remoe_engine.commands.simulate",
     "remoe_engine.commands.pack",
 ]
 
