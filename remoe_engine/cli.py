@@ -14,9 +14,11 @@ import sys
 _COMMAND_MODULES = [
     "remoe_engine.commands.version",
     "remoe_engine.commands.demo",
+    "remoe_engine.commands.zoo",
     "remoe_engine.commands.trace",
     "remoe_engine.commands.simulate",
     "remoe_engine.commands.pack",
+    "remoe_engine.commands.run",
 ]
 
 
