@@ -1,0 +1,139 @@
+"""`remoe run`: the whole story on one model (by default the built-in one).
+
+An MoE model generates with its experts streamed from disk under a memory budget that holds
+about a quarter of them, then a table compares the original router, the ReMoE router and the
+ReMoE router with cache-aware routing: tokens/s, TPOT next to its floor, hit rate, bytes read per
+token, held-out perplexity, expert reuse and top-k agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run", help="generate with experts streamed from disk and compare routers",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face checkpoint directory of a supported MoE family "
+                             "(default: the built-in model)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--memory-budget", default=None,
+                      help="bytes for the expert pool, e.g. 4MiB (default: a quarter of the "
+                           "experts)")
+    size.add_argument("--slots-per-layer", type=int, default=None,
+                      help="expert slots per MoE layer instead of a budget")
+    parser.add_argument("--policy", choices=["lru", "lfu"], default="lru",
+                        help="eviction policy (lru)")
+    parser.add_argument("--reuse-bias", type=float, default=None,
+                        help="cache-aware routing bias for the last row (default: the model "
+                             "card's recommendation, else 0.05); 0 drops that row")
+    parser.add_argument("--bias-source", choices=["previous", "resident"], default="previous",
+                        help="experts the bias prefers: the previous token's or the pool's "
+                             "(previous)")
+    parser.add_argument("--router-delta", default=None,
+                        help="ReMoE router delta (.safetensors); default: the model's "
+                             "router-delta.safetensors if present; 'none' to skip")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+    parser.add_argument("--prompt", default=None, help="generation prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=48,
+                        help="tokens to generate per configuration (48)")
+    parser.add_argument("--eval-tokens", type=int, default=256,
+                        help="held-out tokens for perplexity, EOR and agreement (256; 0 skips)")
+    parser.add_argument("--eval-text", default=None,
+                        help="text file for the held-out evaluation (default: the model's "
+                             "shipped held-out slice)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def _recommended_bias(model_dir: str) -> float:
+    """The reuse bias the model card's evidence recommends (card.json), else 0.05."""
+    path = os.path.join(model_dir, "card.json")
+    try:
+        with open(path) as f:
+            return float(json.load(f)["remoe"]["recommended_reuse_bias"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return 0.05
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from remoe_engine.cli import CommandError
+    from remoe_engine.demo_run import DEFAULT_PROMPT, RunSettings, format_table
+    from remoe_engine.demo_run import run as run_report
+
+    if args.model is None:
+        from remoe_engine import zoo
+
+        try:
+            model_dir = str(zoo.path("tiny"))
+        except zoo.ZooError as error:
+            raise CommandError(f"{error}; pass --model PATH") from None
+    else:
+        model_dir = args.model
+        if not os.path.isdir(model_dir):
+            raise CommandError(f"--model {model_dir}: not a directory")
+        if not os.path.exists(os.path.join(model_dir, "config.json")):
+            raise CommandError(f"--model {model_dir}: no config.json (not a Hugging Face "
+                               "checkpoint directory)")
+    budget = None
+    if args.memory_budget is not None:
+        from remoe_engine.pool import parse_bytes
+
+        try:
+            budget = parse_bytes(args.memory_budget)
+        except ValueError as error:
+            raise CommandError(f"--memory-budget: {error}") from None
+    if args.slots_per_layer is not None and args.slots_per_layer < 1:
+        raise CommandError(f"--slots-per-layer must be >= 1, got {args.slots_per_layer}")
+    if args.max_new_tokens < 2:
+        raise CommandError(f"--max-new-tokens must be >= 2, got {args.max_new_tokens}")
+    if args.eval_tokens < 0:
+        raise CommandError(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
+    if args.router_delta not in (None, "none") and not os.path.isfile(args.router_delta):
+        raise CommandError(f"--router-delta {args.router_delta}: no such file")
+    if args.eval_text is not None and not os.path.isfile(args.eval_text):
+        raise CommandError(f"--eval-text {args.eval_text}: no such file")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError("--device cuda asked for, but no CUDA GPU is visible")
+    reuse_bias = _recommended_bias(model_dir) if args.reuse_bias is None else args.reuse_bias
+    if reuse_bias < 0:
+        raise CommandError(f"--reuse-bias must be >= 0, got {reuse_bias}")
+
+    settings = RunSettings(
+        model=model_dir, memory_budget=budget, slots_per_layer=args.slots_per_layer,
+        policy=args.policy, reuse_bias=reuse_bias, bias_source=args.bias_source,
+        router_delta=args.router_delta, device=args.device,
+        prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
+        max_new_tokens=args.max_new_tokens, eval_tokens=args.eval_tokens,
+        eval_text=args.eval_text, progress=not args.no_progress and not args.json)
+    try:
+        report = run_report(settings)
+    except (NotImplementedError, ValueError, FileNotFoundError) as error:
+        raise CommandError(str(error).splitlines()[0]) from None
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    budget_text = (f"{report['memory_budget'] / 2**20:.2f} MiB of "
+                   f"{report['expert_bytes'] / 2**20:.2f} MiB of experts"
+                   if report["memory_budget"] else f"{args.slots_per_layer} slots per layer")
+    print(f"model: {model_dir}")
+    print(f"experts streamed from disk ({'O_DIRECT' if report['o_direct'] else 'buffered'}, "
+          f"{report['read_bandwidth_gbps']:.2f} GB/s measured) under {budget_text}, "
+          f"{report['policy'].upper()}")
+    first = report["rows"][0]
+    print(f"\n{settings.prompt}{first['text']}\n")
+    print(format_table(report))
+    print(f"\nfloor = max(TPOT with every expert resident = {report['compute_floor_ms']:.2f} ms, "
+          "bytes read per token / read bandwidth)")
+    if report["eval_tokens"]:
+        print(f"perplexity, EOR, agreement: {report['eval_tokens']} held-out tokens, token by "
+              "token with the KV cache")
+    return 0

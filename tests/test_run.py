@@ -1,0 +1,65 @@
+"""`remoe run` end to end on the built-in model, small settings; its JSON checked field by field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from remoe_engine import cli, zoo
+
+ROW_FIELDS = {"name", "router", "reuse_bias", "bias_source", "tokens_per_s", "tpot_ms",
+              "tpot_p90_ms", "floor_ms", "hit_rate", "bytes_read_per_token", "misses_per_token",
+              "perplexity", "eor", "topk_agreement", "text", "stats"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli.main(["run", "--json", "--max-new-tokens", "5", "--eval-tokens", "24"])
+    assert status == 0
+    return json.loads(out.getvalue())
+
+
+def test_report_fields(report):
+    model = zoo.path("tiny")
+    assert report["model"] == str(model)
+    assert report["layers"] > 0 and report["experts"] > report["top_k"] > 0
+    # The default budget holds about a quarter of the experts.
+    assert report["memory_budget"] == report["expert_bytes"] // 4
+    assert report["read_bandwidth_gbps"] > 0 and report["compute_floor_ms"] > 0
+    assert report["eval_tokens"] == 24 and report["max_new_tokens"] == 5
+    names = [row["name"] for row in report["rows"]]
+    assert names[0] == "original" and len(names) >= 2
+    assert names[-1].endswith("+bias")
+    for row in report["rows"]:
+        assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
+        assert row["tokens_per_s"] > 0 and row["tpot_ms"] > 0
+        assert row["floor_ms"] >= report["compute_floor_ms"]
+        assert 0.0 <= row["hit_rate"] <= 1.0
+        assert row["bytes_read_per_token"] >= 0 and row["misses_per_token"] >= 0
+        # Misses are what was read: one slot's worth of bytes each.
+        assert row["bytes_read_per_token"] == pytest.approx(
+            row["misses_per_token"] * report["slot_bytes"])
+        assert row["perplexity"] > 1.0
+        assert 0.0 <= row["eor"] <= 1.0 and 0.0 <= row["topk_agreement"] <= 1.0
+        assert isinstance(row["text"], str)
+    assert report["rows"][0]["topk_agreement"] == 1.0
+    biased = report["rows"][-1]
+    assert biased["reuse_bias"] > 0 and biased["bias_source"] == "previous"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "/nonexistent/ckpt"], "not a directory"),
+    (["--memory-budget", "lots"], "cannot parse a byte size"),
+    (["--router-delta", "/nonexistent/delta.safetensors"], "no such file"),
+    (["--max-new-tokens", "1"], "must be >= 2"),
+])
+def test_bad_options_give_one_line(argv, message, capsys):
+    assert cli.main(["run", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
