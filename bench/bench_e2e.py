@@ -26,7 +26,6 @@ Run:  pytest bench/bench_e2e.py --benchmark-json=/tmp/e2e.json
 from __future__ import annotations
 
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -39,6 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import remoe_engine
 from remoe_engine.families import find_moe_blocks
+from remoe_engine.hf_compat import cache_kwargs
 from remoe_engine.store import ExpertStore
 
 H, LAYERS, E, K, I = 512, 8, 64, 6, 256
@@ -107,26 +107,16 @@ def _copy_gbps(nbytes: int) -> float:
     return 64 * nbytes / best / 1e9
 
 
-def _cache(out):
-    # transformers 5.24 renamed past_key_values to cache.
-    return out.cache if "cache" in out else out.past_key_values
-
-
-def _step(model, token, cache):
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(token, use_cache=True, **{name: cache})
-
-
 def _decode(model, prompt):
     """Prefill, then NEW_TOKENS greedy decode steps; returns per-step seconds."""
     with torch.no_grad():
         out = model(prompt, use_cache=True)
-        cache, token = _cache(out), out.logits[:, -1:].argmax(-1)
+        token = out.logits[:, -1:].argmax(-1)
         steps = []
         for _ in range(NEW_TOKENS):
             start = time.perf_counter()
-            out = _step(model, token, cache)
-            cache, token = _cache(out), out.logits[:, -1:].argmax(-1)
+            out = model(token, use_cache=True, **cache_kwargs(model, out))
+            token = out.logits[:, -1:].argmax(-1)
             steps.append(time.perf_counter() - start)
     return steps
 
@@ -179,11 +169,11 @@ def test_remoe(benchmark, checkpoint, store, slots):
     model.remoe.reset_stats()
     with torch.no_grad():
         out = model(checkpoint["prompt"], use_cache=True)
-        cache, token = _cache(out), out.logits[:, -1:].argmax(-1)
+        token = out.logits[:, -1:].argmax(-1)
         model.remoe.reset_stats()
         for _ in range(NEW_TOKENS):
-            out = _step(model, token, cache)
-            cache, token = _cache(out), out.logits[:, -1:].argmax(-1)
+            out = model(token, use_cache=True, **cache_kwargs(model, out))
+            token = out.logits[:, -1:].argmax(-1)
     stats = model.remoe.stats()
     bandwidth = checkpoint["copy_gbps"] if store == "host" else checkpoint["read_gbps"]
     _record(benchmark, f"remoe_{store}-slots{slots}", checkpoint, steps, stats, bandwidth)

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from remoe_engine.hf_compat import cache_kwargs
+
 DEFAULT_PROMPT = "def read_config(path):"  # the built-in model card's sample prompt
 
 
@@ -119,14 +121,6 @@ def heldout_tokens(settings: RunSettings, tokenizer) -> torch.Tensor | None:
     return ids[: settings.eval_tokens].long().unsqueeze(0)
 
 
-def _cache_kwargs(model, out) -> dict:
-    # transformers 5.24 renamed past_key_values to cache (outputs and forward arguments).
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: out.cache if "cache" in out else out.past_key_values}
-
-
 @torch.no_grad()
 def decode_eval(model, ids: torch.Tensor) -> dict:
     """Token-by-token teacher forcing with the KV cache, as at decode.
@@ -152,7 +146,7 @@ def decode_eval(model, ids: torch.Tensor) -> dict:
     try:
         nll, out, steps = 0.0, None, []
         for t in range(ids.shape[1] - 1):
-            kwargs = _cache_kwargs(model, out) if out is not None else {}
+            kwargs = cache_kwargs(model, out) if out is not None else {}
             start = time.perf_counter()
             out = model(ids[:, t : t + 1], use_cache=True, **kwargs)
             logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)

@@ -3,7 +3,6 @@ and greedy tokens, for every family, at a full cache and at slots_per_layer = to
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import remoe_engine
 from remoe_engine import reference as ref
 from remoe_engine.families import find_moe_blocks, routing_spec
+from remoe_engine.hf_compat import cache_kwargs
 
 ATOL = 1e-5
 
@@ -38,12 +38,6 @@ def _generate(model, ids, n=6):
                               pad_token_id=0)
 
 
-def _cache_kwarg(model, out) -> dict:
-    """transformers 5.24 renamed `past_key_values` to `cache` (in outputs and forward)."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: out.cache if "cache" in out else out.past_key_values}
-
-
 def _decode_logits(model, ids, n=8):
     """Prefill, then n greedy decode steps with the KV cache; logits of every step [B, n, V]."""
     with torch.no_grad():
@@ -51,7 +45,7 @@ def _decode_logits(model, ids, n=8):
         steps = []
         for _ in range(n):
             token = out.logits[:, -1:].argmax(-1)
-            out = model(token, **_cache_kwarg(model, out), use_cache=True)
+            out = model(token, **cache_kwargs(model, out), use_cache=True)
             steps.append(out.logits[:, -1])
     return torch.stack(steps, 1)
 
