@@ -45,6 +45,7 @@ class Handle:
     _restore: list = field(default_factory=list)
     _hooks: list = field(default_factory=list)
     _patched: bool = True
+    _loaded: bool = False  # from load(): the experts were never in memory, nothing to restore
 
     def stats(self) -> dict:
         """Pool counters (hits, misses, evictions, bytes read/copied, stall seconds), per layer and
@@ -68,6 +69,10 @@ class Handle:
     def unpatch(self) -> nn.Module:
         """Restore the original model: weights (rebuilt from the store), routers, experts
         implementation. Returns the model."""
+        if self._loaded:
+            raise RuntimeError(
+                "unpatch(): this model came from remoe_engine.load() and its experts were never "
+                "in memory; use transformers' from_pretrained() for an unpatched model")
         if not self._patched:
             return self.model
         for hook in self._hooks:
@@ -337,7 +342,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
         expert_store = _host_copy(expert_store)
     pool = _make_pool(expert_store, device, slots_per_layer, memory_budget, policy,
                       num_threads=num_threads, o_direct=o_direct)
-    handle = Handle(model, blocks, pool, expert_store, reuse_bias, bias_source)
+    handle = Handle(model, blocks, pool, expert_store, reuse_bias, bias_source, _loaded=True)
     _attach(model, blocks, pool, device, reuse_bias=reuse_bias, bias_source=bias_source,
             handle=handle)
     model.remoe = handle

@@ -260,6 +260,8 @@ def test_load_from_packed_file(tmp_path):
     loaded = remoe_engine.load(tmp_path / "ckpt", slots_per_layer=2, dtype=torch.float32,
                                packed=str(tmp_path / "experts.remoe"))
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=ATOL, rtol=0)
+    with pytest.raises(RuntimeError, match="never in memory"):
+        loaded.remoe.unpatch()
 
 
 def test_load_peak_rss_stays_under_non_experts_plus_budget(tmp_path):
