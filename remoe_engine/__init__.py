@@ -11,7 +11,7 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+source"
 
-__all__ = ["Handle", "__version__", "load", "patch"]
+__all__ = ["Handle", "__version__", "apply_router_delta", "load", "patch"]
 
 
 def __getattr__(name: str):
@@ -20,4 +20,8 @@ def __getattr__(name: str):
         from remoe_engine import offload as _offload
 
         return getattr(_offload, name)
+    if name == "apply_router_delta":
+        from remoe_engine.finetune.delta import apply_router_delta
+
+        return apply_router_delta
     raise AttributeError(f"module 'remoe_engine' has no attribute {name!r}")

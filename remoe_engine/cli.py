@@ -19,6 +19,8 @@ _COMMAND_MODULES = [
     "remoe_engine.commands.simulate",
     "remoe_engine.commands.pack",
     "remoe_engine.commands.run",
+    "remoe_engine.commands.finetune",
+    "remoe_engine.commands.eval",
 ]
 
 

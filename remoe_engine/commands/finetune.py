@@ -1,0 +1,131 @@
+"""`remoe finetune`: router-only ReMoE fine-tuning (runs under `accelerate launch` too)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+
+from remoe_engine.cli import CommandError
+
+
+def _lags(spec: str) -> tuple[int, ...]:
+    try:
+        lags = tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"lags must be comma-separated integers, got {spec!r}") from None
+    if not lags or min(lags) < 1:
+        raise argparse.ArgumentTypeError(f"lags must be positive integers, got {spec!r}")
+    return lags
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `remoe finetune`.
+
+    Args:
+        subparsers: the top-level parser's subparsers.
+    """
+    from remoe_engine.finetune.loss import ReMoEConfig
+
+    d = ReMoEConfig()
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune only the routers for expert reuse (the ReMoE loss)",
+        description="Train only the router weights of a Hugging Face MoE checkpoint so that "
+        "consecutive tokens reuse experts (ReMoE, DESIGN.md section 7), with a trust-region KL "
+        "to the original router. Writes a checkpoint folder in which only router tensors differ "
+        "from the input, plus router-delta.safetensors. Resumes from --out/remoe-state when "
+        "interrupted. For many GPUs: accelerate launch -m remoe_engine finetune ...",
+    )
+    parser.add_argument("--model", type=pathlib.Path, default=None,
+                        help="input checkpoint folder (default: the built-in tiny model)")
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="output folder")
+    parser.add_argument("--data", default=None,
+                        help="training text: a text file, a .jsonl file, a folder of text files "
+                        "or a `datasets` folder saved to disk (default for built-in models: "
+                        "their own training split)")
+    parser.add_argument("--text-key", default=None, help="JSONL field / dataset column of text")
+    parser.add_argument("--eval-data", default=None,
+                        help="held-out text for periodic evaluation (default for built-in models: "
+                        "their held-out split)")
+    parser.add_argument("--eval-tokens", type=int, default=16384,
+                        help="held-out tokens used by the periodic evaluation (16384)")
+    for name, help_text in [
+        ("lambda_kl", "weight of the trust KL to the original router"),
+        ("lambda_reuse", "weight of the reuse-mass term"),
+        ("lambda_smooth", "weight of the adjacent-token symmetric KL"),
+        ("lambda_lag", "weight of the multi-lag symmetric KL"),
+        ("lambda_ws", "weight of the window entropy"),
+        ("locality_warmup", "locality warm-up T_warm as a fraction of --steps"),
+        ("lr", "AdamW peak learning rate"),
+        ("lr_warmup", "learning-rate warm-up as a fraction of --steps"),
+        ("weight_decay", "AdamW weight decay"),
+        ("grad_clip", "gradient-norm clip"),
+    ]:
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name),
+                            help=f"{help_text} ({getattr(d, name)})")
+    for name, help_text in [
+        ("steps", "optimizer steps"), ("batch", "sequences per step and process"),
+        ("seq_len", "tokens per sequence"), ("window", "W of the window-entropy term"),
+        ("seed", "seed of the batch sampling"),
+        ("save_every", "steps between checkpoints (0: at the end only)"),
+        ("eval_every", "steps between held-out evaluations (0: none)"),
+    ]:
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+                            help=f"{help_text} ({getattr(d, name)})")
+    parser.add_argument("--lags", type=_lags, default=d.lags,
+                        help=f"lags of the lag term ({','.join(map(str, d.lags))})")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over even if --out holds a checkpoint of this config")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default=None,
+                        help="bf16 autocast (default: bf16 on a GPU that supports it, else no)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from remoe_engine.finetune import data as fdata
+    from remoe_engine.finetune.loss import ReMoEConfig
+    from remoe_engine.finetune.train import FinetuneError, finetune
+    from remoe_engine.zoo import ZooError
+    from remoe_engine.zoo import path as zoo_path
+    from remoe_engine.zoo.evaluate import windows
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        model_path = args.model if args.model is not None else zoo_path("tiny")
+    except ZooError as e:
+        raise CommandError(str(e)) from None
+    if not (pathlib.Path(model_path) / "config.json").is_file():
+        raise CommandError(f"{str(model_path)!r} is not a Hugging Face checkpoint folder "
+                           "(no config.json)")
+    fields = ("lambda_kl", "lambda_reuse", "lambda_smooth", "lambda_lag", "lambda_ws",
+              "locality_warmup", "lr", "lr_warmup", "weight_decay", "grad_clip", "steps",
+              "batch", "seq_len", "window", "seed", "save_every", "eval_every", "lags")
+    cfg = ReMoEConfig(**{f: getattr(args, f) for f in fields})
+    try:
+        cfg.validate()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        texts, where = fdata.resolve_texts(model_path, args.data, "train", args.text_key)
+        stream = fdata.encode(tokenizer, texts)
+        eval_wins = None
+        if cfg.eval_every:
+            held, _ = fdata.resolve_texts(model_path, args.eval_data, "held_out", args.text_key)
+            eval_wins = windows(fdata.encode(tokenizer, held), min(cfg.seq_len, 256),
+                                args.eval_tokens)
+        if os.environ.get("RANK", "0") == "0":  # under accelerate launch: once, not per process
+            print(f"remoe finetune: {stream.numel():,} training tokens from {where}")
+        summary = finetune(model_path, args.out, stream, cfg, eval_windows=eval_wins,
+                           resume=not args.no_resume, progress=not args.no_progress,
+                           mixed_precision=args.mixed_precision)
+    except (fdata.DataError, FinetuneError, ValueError, OSError) as e:
+        raise CommandError(str(e).splitlines()[0]) from None
+    if summary.get("changed_tensors") is not None:
+        print(f"remoe finetune: wrote {args.out} ({len(summary['changed_tensors'])} router tensors "
+              f"changed, nothing else) and {args.out / 'router-delta.safetensors'}")
+    return 0
