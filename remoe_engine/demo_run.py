@@ -40,7 +40,7 @@ class RunSettings:
     slots_per_layer: int | None = None
     policy: str = "lru"
     reuse_bias: float = 0.05
-    bias_source: str = "previous"
+    bias_source: str = "resident"
     router_delta: str | None = None  # None: the model's own router-delta.safetensors if any
     device: str = "cpu"
     prompt: str = DEFAULT_PROMPT
@@ -274,12 +274,15 @@ def run(settings: RunSettings, log=print) -> dict:
         t_compute = statistics.median(floor_steps) if floor_steps else 0.0
         del full
 
+        # The built-in model's evidence (its card): the bias on the original router is the
+        # recommended setting; the ReMoE rows show what router fine-tuning adds.
         configs = [("original", None, 0.0)]
         if delta is not None:
             configs.append(("remoe", delta, 0.0))
         if settings.reuse_bias > 0:
-            configs.append(("remoe+bias" if delta else "original+bias", delta,
-                            settings.reuse_bias))
+            configs.append(("original+bias", None, settings.reuse_bias))
+            if delta is not None:
+                configs.append(("remoe+bias", delta, settings.reuse_bias))
         rows, reference_ids = [], None
         for name, router_delta, bias in configs:
             model = remoe_engine.load(settings.model, reuse_bias=bias,

@@ -34,8 +34,9 @@ def test_report_fields(report):
     assert report["read_bandwidth_gbps"] > 0 and report["compute_floor_ms"] > 0
     assert report["eval_tokens"] == 24 and report["max_new_tokens"] == 5
     names = [row["name"] for row in report["rows"]]
-    assert names[0] == "original" and len(names) >= 2
-    assert names[-1].endswith("+bias")
+    # The built-in model ships a ReMoE router delta and a recommended bias (its card).
+    assert names == ["original", "remoe", "original+bias", "remoe+bias"]
+    assert report["router_delta"].endswith("router-delta.safetensors")
     for row in report["rows"]:
         assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
         assert row["tokens_per_s"] > 0 and row["tpot_ms"] > 0
@@ -49,8 +50,11 @@ def test_report_fields(report):
         assert 0.0 <= row["eor"] <= 1.0 and 0.0 <= row["topk_agreement"] <= 1.0
         assert isinstance(row["text"], str)
     assert report["rows"][0]["topk_agreement"] == 1.0
-    biased = report["rows"][-1]
-    assert biased["reuse_bias"] > 0 and biased["bias_source"] == "previous"
+    card = json.loads((zoo.path("tiny") / "card.json").read_text())["remoe"]
+    for row in report["rows"][2:]:
+        assert row["reuse_bias"] == card["recommended_reuse_bias"]
+        assert row["bias_source"] == card["recommended_bias_source"]
+    assert [row["router"] for row in report["rows"]] == ["original", "remoe"] * 2
 
 
 @pytest.mark.parametrize("argv,message", [

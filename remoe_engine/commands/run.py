@@ -30,11 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--policy", choices=["lru", "lfu"], default="lru",
                         help="eviction policy (lru)")
     parser.add_argument("--reuse-bias", type=float, default=None,
-                        help="cache-aware routing bias for the last row (default: the model "
-                             "card's recommendation, else 0.05); 0 drops that row")
-    parser.add_argument("--bias-source", choices=["previous", "resident"], default="previous",
-                        help="experts the bias prefers: the previous token's or the pool's "
-                             "(previous)")
+                        help="cache-aware routing bias of the +bias rows (default: the model "
+                             "card's recommendation, 0.02 for the built-in model, else 0.05); "
+                             "0 drops those rows")
+    parser.add_argument("--bias-source", choices=["previous", "resident"], default=None,
+                        help="experts the bias prefers: the pool's (resident) or the previous "
+                             "token's (default: the model card's recommendation, else resident)")
     parser.add_argument("--router-delta", default=None,
                         help="ReMoE router delta (.safetensors); default: the model's "
                              "router-delta.safetensors if present; 'none' to skip")
@@ -52,14 +53,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _recommended_bias(model_dir: str) -> float:
-    """The reuse bias the model card's evidence recommends (card.json), else 0.05."""
+def _recommended(model_dir: str) -> tuple[float, str]:
+    """The reuse bias and source the model card's evidence recommends (card.json "remoe"),
+    else 0.05 and "resident"."""
     path = os.path.join(model_dir, "card.json")
     try:
         with open(path) as f:
-            return float(json.load(f)["remoe"]["recommended_reuse_bias"])
+            section = json.load(f)["remoe"]
+        return (float(section["recommended_reuse_bias"]),
+                str(section.get("recommended_bias_source", "resident")))
     except (OSError, KeyError, TypeError, ValueError):
-        return 0.05
+        return 0.05, "resident"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,13 +107,15 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--eval-text {args.eval_text}: no such file")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError("--device cuda asked for, but no CUDA GPU is visible")
-    reuse_bias = _recommended_bias(model_dir) if args.reuse_bias is None else args.reuse_bias
+    recommended_bias, recommended_source = _recommended(model_dir)
+    reuse_bias = recommended_bias if args.reuse_bias is None else args.reuse_bias
+    bias_source = recommended_source if args.bias_source is None else args.bias_source
     if reuse_bias < 0:
         raise CommandError(f"--reuse-bias must be >= 0, got {reuse_bias}")
 
     settings = RunSettings(
         model=model_dir, memory_budget=budget, slots_per_layer=args.slots_per_layer,
-        policy=args.policy, reuse_bias=reuse_bias, bias_source=args.bias_source,
+        policy=args.policy, reuse_bias=reuse_bias, bias_source=bias_source,
         router_delta=args.router_delta, device=args.device,
         prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
         max_new_tokens=args.max_new_tokens, eval_tokens=args.eval_tokens,
