@@ -12,15 +12,15 @@ import sys
 
 # Modules that define `register(subparsers) -> None`; each parser sets `func(args) -> int`.
 _COMMAND_MODULES = [
-    "remoe_engine.commands.version",
-    "remoe_engine.commands.demo",
-    "remoe_engine.commands.zoo",
+    "remoe_engine.commands.run",
     "remoe_engine.commands.trace",
     "remoe_engine.commands.simulate",
-    "remoe_engine.commands.pack",
-    "remoe_engine.commands.run",
     "remoe_engine.commands.finetune",
     "remoe_engine.commands.eval",
+    "remoe_engine.commands.pack",
+    "remoe_engine.commands.zoo",
+    "remoe_engine.commands.demo",
+    "remoe_engine.commands.version",
 ]
 
 
