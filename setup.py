@@ -98,7 +98,10 @@ def _extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    extra_compile_args = {"cxx": [*opt, "-fvisibility=hidden", "-fdiagnostics-color=always"]}
+    # -fno-trapping-math: nothing here reads FP exception flags, and without it GCC will not
+    # if-convert (and so not vectorize) loops with float selects, such as the routing exp.
+    extra_compile_args = {"cxx": [*opt, "-fvisibility=hidden", "-fno-trapping-math",
+                                  "-fdiagnostics-color=always"]}
     # Py_LIMITED_API lets one wheel serve every CPython >= 3.10: the module only registers ops.
     define_macros = [("Py_LIMITED_API", "0x030A0000")]
     if build_cuda:

@@ -53,16 +53,17 @@ inline float exp_approx(float x) {
 }
 
 // out[e] = exp(in[e] - shift). Compiled twice (AVX2+FMA and baseline x86-64) and picked at load
-// time, so one wheel runs everywhere and recent CPUs get 8-wide exps.
+// time, so one wheel runs everywhere and recent CPUs get 8-wide exps. Vectorizing the
+// branch-free selects needs -fno-trapping-math (setup.py): we never rely on FP exception flags.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2,fma", "default")))
+__attribute__((target_clones("avx2", "default")))
 #endif
 void exp_shifted_row(const float* in, float shift, float* out, int64_t n) {
   for (int64_t e = 0; e < n; ++e) out[e] = exp_approx(in[e] - shift);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2,fma", "default")))
+__attribute__((target_clones("avx2", "default")))
 #endif
 void sigmoid_row(const float* in, float* out, int64_t n) {
   for (int64_t e = 0; e < n; ++e) out[e] = 1.0f / (1.0f + exp_approx(-in[e]));
@@ -188,9 +189,18 @@ void route_topk_rows(const scalar_t* logits,          // [T, E]
     // 4. Top-K by the ranking rule (ties -> lower id, NaN last).
     int64_t* out_ids = ids + t * K;
     int64_t count = 0;
+    float* best = top_val.data();
     for (int64_t e = 0; e < E; ++e) {
       if (keep != nullptr && !keep[e]) continue;
-      insert_ranked(sel[e], e, top_val.data(), out_ids, &count, K);
+      const float v = sel[e];
+      // Fast reject once the buffer is full: ids arrive in increasing order, so a candidate that
+      // does not beat the K-th value strictly (a tie goes to the earlier, lower id) cannot enter,
+      // unless the K-th is NaN and the candidate is a number. Most candidates stop here.
+      if (count == K) {
+        const float worst = best[K - 1];
+        if (!(v > worst) && !(worst != worst && v == v)) continue;
+      }
+      insert_ranked(v, e, best, out_ids, &count, K);
     }
 
     // 5. Weights from the unbiased scores.
