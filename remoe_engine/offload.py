@@ -51,7 +51,8 @@ class Handle:
         """Pool counters (hits, misses, evictions, bytes read/copied, stall seconds), per layer and
         total, plus the routers' top-k agreement with the unbiased router when the bias is on."""
         stats = self.pool.stats()
-        agree = sum(b.router._remoe.agree for b in self.blocks if hasattr(b.router, "_remoe"))
+        agree = sum(int(b.router._remoe.agree) for b in self.blocks  # host sync, here only
+                    if hasattr(b.router, "_remoe"))
         routed = sum(b.router._remoe.routed for b in self.blocks if hasattr(b.router, "_remoe"))
         stats["topk_agreement"] = agree / routed if routed else 1.0
         stats["reuse_bias"] = self.reuse_bias

@@ -40,8 +40,9 @@ class RouterState:
     batch_shape: tuple[int, int] | None = None
     # "previous": the ids [B, K] the last token of each sequence chose; None at a sequence start.
     previous_ids: torch.Tensor | None = None
-    # Top-k agreement with the unbiased router, counted when the bias is on.
-    agree: int = 0
+    # Top-k agreement with the unbiased router, counted when the bias is on. `agree` stays a
+    # tensor on the logits' device (summed without a host sync; read in Handle.stats()).
+    agree: torch.Tensor | int = 0
     routed: int = 0
 
 
@@ -85,8 +86,8 @@ def _patched_forward(self, hidden_states: torch.Tensor):
         weights, ids = _route_with_previous(state, logits, kwargs)
     if bias != 0.0:
         _, unbiased = route_topk(logits, spec.top_k, **kwargs)
-        # [T, K] x [T, K] -> matches per token; one host sync, only when the bias is on.
-        state.agree += int((ids.unsqueeze(-1) == unbiased.unsqueeze(-2)).any(-1).sum())
+        # [T, K] x [T, K] -> chosen ids the unbiased router also chose; no host sync here.
+        state.agree = state.agree + (ids.unsqueeze(-1) == unbiased.unsqueeze(-2)).any(-1).sum()
         state.routed += ids.numel()
     if spec.weights_in_logits_dtype:
         weights = weights.to(logits.dtype)
