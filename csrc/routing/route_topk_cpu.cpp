@@ -52,14 +52,53 @@ inline float exp_approx(float x) {
   return result;
 }
 
-// out[e] = exp(in[e] - shift). Compiled twice (AVX2+FMA and baseline x86-64) and picked at load
-// time, so one wheel runs everywhere and recent CPUs get 8-wide exps. Vectorizing the
-// branch-free selects needs -fno-trapping-math (setup.py): we never rely on FP exception flags.
+// The row functions below are compiled twice (AVX2 and baseline x86-64) and picked at load
+// time, so one wheel runs everywhere and recent CPUs get 8-wide math. Vectorizing the branch-free
+// selects needs -fno-trapping-math (setup.py): nothing here reads FP exception flags.
+
+// out = softmax(x) over one row of n, in fp32. A NaN anywhere makes the whole row NaN, as
+// torch.softmax does. The max and the sum keep 8 partial results (one per AVX2 lane) so both
+// reductions vectorize; the sum's order therefore differs from a serial loop by float rounding.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-void exp_shifted_row(const float* in, float shift, float* out, int64_t n) {
-  for (int64_t e = 0; e < n; ++e) out[e] = exp_approx(in[e] - shift);
+void softmax_row(const float* x, float* out, int64_t n) {
+  constexpr int kLanes = 8;
+  float lane_max[kLanes];
+  int lane_nan[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    lane_max[j] = -std::numeric_limits<float>::infinity();
+    lane_nan[j] = 0;
+  }
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = x[e + j];
+      lane_nan[j] |= v != v;
+      lane_max[j] = v > lane_max[j] ? v : lane_max[j];
+    }
+  }
+  for (; e < n; ++e) {
+    lane_nan[0] |= x[e] != x[e];
+    lane_max[0] = x[e] > lane_max[0] ? x[e] : lane_max[0];
+  }
+  float row_max = lane_max[0];
+  int any_nan = lane_nan[0];
+  for (int j = 1; j < kLanes; ++j) {
+    row_max = lane_max[j] > row_max ? lane_max[j] : row_max;
+    any_nan |= lane_nan[j];
+  }
+  if (any_nan) row_max = std::numeric_limits<float>::quiet_NaN();
+  for (e = 0; e < n; ++e) out[e] = exp_approx(x[e] - row_max);
+  float lane_sum[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (e = 0; e + kLanes <= n; e += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lane_sum[j] += out[e + j];
+  }
+  for (; e < n; ++e) lane_sum[0] += out[e];
+  float sum = 0.0f;
+  for (int j = 0; j < kLanes; ++j) sum += lane_sum[j];
+  const float inv = 1.0f / sum;
+  for (e = 0; e < n; ++e) out[e] *= inv;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -118,19 +157,7 @@ void route_topk_rows(const scalar_t* logits,          // [T, E]
     // 1. Unbiased fp32 scores.
     float* score = s.score.data();
     if (p.scoring == Scoring::kSoftmax) {
-      // NaN anywhere makes the whole row NaN, as torch.softmax does.
-      float row_max = -std::numeric_limits<float>::infinity();
-      bool any_nan = false;
-      for (int64_t e = 0; e < E; ++e) {
-        any_nan |= x[e] != x[e];
-        row_max = x[e] > row_max ? x[e] : row_max;
-      }
-      if (any_nan) row_max = std::numeric_limits<float>::quiet_NaN();
-      exp_shifted_row(x, row_max, score, E);
-      float sum = 0.0f;
-      for (int64_t e = 0; e < E; ++e) sum += score[e];
-      const float inv = 1.0f / sum;
-      for (int64_t e = 0; e < E; ++e) score[e] *= inv;
+      softmax_row(x, score, E);
     } else if (p.scoring == Scoring::kSigmoid) {
       sigmoid_row(x, score, E);
     } else {
