@@ -145,7 +145,7 @@ def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device
     for block in blocks:
         state = router_impl.RouterState(layer=block.layer_idx, spec=spec, reuse_bias=reuse_bias,
                                         bias_source=bias_source)
-        state.resident = _resident_fn(pool, block.layer_idx, device, block.experts.num_experts)
+        state.resident = _resident_fn(pool, block.layer_idx, device)
         router_impl.install(block.router, state)
         handle._restore.append(lambda r=block.router: router_impl.uninstall(r))
         block.experts._remoe = experts_impl.ExpertsState(layer=block.layer_idx, pool=pool)
@@ -168,11 +168,9 @@ def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device
         lambda: setattr(model.generation_config, "disable_compile", previous_disable))
 
 
-def _resident_fn(pool, layer: int, device: torch.device, num_experts: int):
+def _resident_fn(pool, layer: int, device: torch.device):
     def resident() -> torch.Tensor:
-        mask = torch.zeros(num_experts, dtype=torch.bool)  # [E]
-        mask[list(pool.resident(layer))] = True
-        return mask.to(device, non_blocking=True)
+        return pool.resident_mask(layer).to(device, non_blocking=True)  # [E] bool
     return resident
 
 

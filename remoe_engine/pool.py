@@ -253,6 +253,11 @@ class SlotPool:
         slots = self._pool.residency(self.store.layer_position(layer)).tolist()
         return {e: s for e, s in enumerate(slots) if s >= 0}
 
+    def resident_mask(self, layer: int) -> torch.Tensor:
+        """bool [E] on the host: which experts of `layer` are resident (or loading). The
+        cache-aware router asks this every layer, so it avoids building a dict."""
+        return self._pool.residency(self.store.layer_position(layer)) >= 0
+
     def pins(self, layer: int) -> dict[int, int]:
         """expert -> pin count, for the pinned experts of `layer`."""
         pins = self._pool.pins(self.store.layer_position(layer)).tolist()
