@@ -420,3 +420,14 @@ def test_synthetic_trace_is_reproducible_and_local():
     shuffled = a.ids[:, torch.tensor(rng.sample(range(1000), 1000))]
     shuffled_trace = RoutingTrace(ids=shuffled, offsets=a.offsets, meta=a.meta)
     assert metrics.expert_reuse(shuffled_trace).eor < eor
+
+
+def test_cli_refuses_an_empty_trace(tmp_path, capsys):
+    from remoe_engine import trace
+
+    full = trace.synthetic(16)
+    empty = trace.RoutingTrace(ids=full.ids[:, :0], offsets=torch.tensor([0, 0]), meta=full.meta)
+    path = tmp_path / "empty.safetensors"
+    empty.save(path)
+    assert cli.main(["simulate", str(path), "--json"]) == 2
+    assert "holds no tokens" in capsys.readouterr().err

@@ -150,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
         traces = [trace.load(p) for p in args.traces]
     except trace.TraceFileError as error:
         raise CommandError(str(error)) from None
+    for path, tr in zip(args.traces, traces, strict=True):
+        if tr.num_tokens == 0:  # every rate would be 0/0
+            raise CommandError(f"{path}: the trace holds no tokens; nothing to replay")
     first = traces[0]
     slots = (parse_slots(args.slots) if args.slots else
              default_slots(first.top_k, first.num_experts, first.num_layers, args.scope))
