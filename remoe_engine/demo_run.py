@@ -132,19 +132,15 @@ def decode_eval(model, ids: torch.Tensor) -> dict:
         model: a model from `remoe_engine.load` (has `.remoe`).
         ids: [1, N] int64 held-out tokens.
     Returns:
-        perplexity, per-layer routed ids [N - 1, K] (list), per-step seconds, and the pool
-        counters (hits, misses, bytes_read) of the decode steps.
+        perplexity, the routing as a RoutingTrace (one sequence of N - 1 tokens), per-step
+        seconds, and the pool counters (hits, misses, bytes_read) of the decode steps.
     """
-    from remoe_engine.families import find_moe_blocks
+    from remoe_engine import trace as trace_mod
+    from remoe_engine.families import routing_spec
 
-    blocks = find_moe_blocks(model)
-    chosen: dict[int, list[torch.Tensor]] = {b.layer_idx: [] for b in blocks}
-    hooks = [b.router.register_forward_hook(
-        lambda mod, args, out, layer=b.layer_idx: chosen[layer].append(out[2].detach().cpu()))
-        for b in blocks]
     model.remoe.reset_stats()
-    try:
-        nll, out, steps = 0.0, None, []
+    nll, out, steps = 0.0, None, []
+    with trace_mod.RouterRecorder(model) as recorder:
         for t in range(ids.shape[1] - 1):
             kwargs = cache_kwargs(model, out) if out is not None else {}
             start = time.perf_counter()
@@ -152,30 +148,16 @@ def decode_eval(model, ids: torch.Tensor) -> dict:
             logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             nll -= float(logp[ids[0, t + 1]])  # host sync: also ends the step's timing
             steps.append(time.perf_counter() - start)
-    finally:
-        for hook in hooks:
-            hook.remove()
     stats = model.remoe.stats()
-    return dict(perplexity=math.exp(nll / (ids.shape[1] - 1)),
-                ids=[torch.cat(chosen[b.layer_idx]) for b in blocks], steps=steps,
+    routed = torch.stack([torch.cat(calls) for calls in recorder.calls])  # [L, N - 1, K]
+    meta = trace_mod.TraceMeta(top_k=routing_spec(model).top_k,
+                               num_experts=int(recorder.blocks[0].experts.num_experts),
+                               layers=[b.layer_idx for b in recorder.blocks], mode="generate",
+                               source="held-out, decoded token by token")
+    routing = trace_mod.RoutingTrace(ids=routed, offsets=torch.tensor([0, routed.shape[1]]),
+                                     meta=meta, token_ids=ids[0, :-1].cpu())
+    return dict(perplexity=math.exp(nll / (ids.shape[1] - 1)), routing=routing, steps=steps,
                 counts={k: stats[k] for k in ("hits", "misses", "bytes_read")})
-
-
-def expert_reuse(per_layer: list[torch.Tensor]) -> float:
-    """Mean |E_t ∩ E_{t-1}| / K over consecutive tokens and layers."""
-    values = []
-    for ids in per_layer:
-        K = ids.shape[1]
-        same = (ids[1:].unsqueeze(-1) == ids[:-1].unsqueeze(-2)).any(-1).sum(-1).float() / K
-        values.append(same.mean())
-    return float(torch.stack(values).mean())
-
-
-def topk_agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """Mean fraction of a token's K experts that both routings chose, over tokens and layers."""
-    values = [(x.unsqueeze(-1) == y.unsqueeze(-2)).any(-1).float().mean()
-              for x, y in zip(a, b, strict=True)]
-    return float(torch.stack(values).mean())
 
 
 class _StepClock:
@@ -236,6 +218,7 @@ def run(settings: RunSettings, log=print) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     import remoe_engine
+    from remoe_engine import metrics
     from remoe_engine.families import routing_spec
     from remoe_engine.store import ExpertStore
 
@@ -283,7 +266,7 @@ def run(settings: RunSettings, log=print) -> dict:
             configs.append(("original+bias", None, settings.reuse_bias))
             if delta is not None:
                 configs.append(("remoe+bias", delta, settings.reuse_bias))
-        rows, reference_ids = [], None
+        rows, reference_routing = [], None
         for name, router_delta, bias in configs:
             model = remoe_engine.load(settings.model, reuse_bias=bias,
                                       bias_source=settings.bias_source, **common, **pool_size)
@@ -299,10 +282,11 @@ def run(settings: RunSettings, log=print) -> dict:
                 steps, counts = evaluation["steps"], evaluation["counts"]
                 decoded = len(steps)
                 row.perplexity = evaluation["perplexity"]
-                row.eor = expert_reuse(evaluation["ids"])
-                if reference_ids is None:
-                    reference_ids = evaluation["ids"]
-                row.topk_agreement = topk_agreement(evaluation["ids"], reference_ids)
+                row.eor = metrics.expert_reuse(evaluation["routing"]).eor
+                if reference_routing is None:
+                    reference_routing = evaluation["routing"]
+                row.topk_agreement = metrics.router_agreement(
+                    reference_routing, evaluation["routing"]).topk_agreement
             tpot = statistics.median(steps) if steps else float("nan")
             lookups = counts["hits"] + counts["misses"]
             row.tpot_ms = tpot * 1e3
