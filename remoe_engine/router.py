@@ -106,7 +106,7 @@ def _route_with_previous(state: RouterState, logits: torch.Tensor, kwargs: dict)
     per_seq = logits.view(B, S, E)
     weights = logits.new_empty(B, S, state.spec.top_k, dtype=torch.float32)
     ids = torch.empty(B, S, state.spec.top_k, dtype=torch.int64, device=logits.device)
-    previous = state.previous_ids if state.previous_ids is not None else None
+    previous = state.previous_ids
     if previous is not None and previous.shape[0] != B:
         previous = None
     for s in range(S):
