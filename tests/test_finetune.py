@@ -186,6 +186,47 @@ def test_only_routers_train_in_every_family(variant):
             assert p.grad is None and torch.equal(p, before[name]), name
 
 
+def test_custom_terms_fn_sees_each_layer_once_and_drives_the_loss():
+    from remoe_engine.finetune.loss import layer_terms
+
+    model = build("qwen3_moe")
+    freeze_all_but_routers(model)
+    tap = RouterTap(model)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = ReMoEConfig(lags=(1, 2), window=4)
+    seen = []
+
+    def terms_fn(logits, top_ids, ref, cfg, layer):
+        seen.append(layer)
+        terms = layer_terms(logits, top_ids, ref, cfg)
+        terms["reuse"] = terms["reuse"] * 0.0  # a variant that drops the reuse term
+        return terms
+
+    _, logged = remoe_loss(model, tap, ids, cfg, step=1, terms_fn=terms_fn)
+    n_layers = len(tap.blocks)
+    assert seen == list(range(n_layers))
+    assert logged["reuse"] == 0.0
+    _, default = remoe_loss(model, tap, ids, cfg, step=1)
+    assert default["reuse"] > 0.0 and default["ce"] == pytest.approx(logged["ce"])
+
+
+def test_model_card_section_is_generated_from_the_committed_results():
+    """The card's ReMoE tables come from bench/results, never typed: regenerate and compare."""
+    import json
+
+    from remoe_engine.finetune.sweep import CARD_BEGIN, card_section
+
+    results = REPO / "bench" / "results"
+    load = lambda name: json.loads((results / name).read_text())  # noqa: E731
+    sweep_doc = load("finetune-sweep.json")
+    section = card_section(sweep_doc, sweep_doc["chosen"], sweep_doc, load("finetune-compare.json"),
+                           (REPO / "docs" / "finetune-verdict.md").read_text(),
+                           load("finetune-eval-full-heldout.json"), load("finetune-frontier.json"))
+    card = (REPO / "remoe_engine" / "zoo" / "tiny" / "MODEL_CARD.md").read_text()
+    assert card[card.index(CARD_BEGIN):] == section, (
+        "MODEL_CARD.md is stale: rerun `python -m remoe_engine.finetune.sweep card ...`")
+
+
 def test_apply_router_delta_rejects_another_model(base, tmp_path):
     model = build("qwen3_moe", vocab_size=VOCAB)
     path = fdelta.save_router_delta(model, tmp_path / "d.safetensors")

@@ -262,6 +262,8 @@ def main() -> None:
     k.add_argument("--verdict", type=pathlib.Path, required=True)
     k.add_argument("--full", type=pathlib.Path, default=None,
                    help="remoe eval report.json of the shipped delta on the whole held-out split")
+    k.add_argument("--frontier", type=pathlib.Path, default=None,
+                   help="bench/experiments/remoe_frontier.py results (loss variants)")
     k.add_argument("--card", type=pathlib.Path, required=True)
     k.add_argument("--ship", type=pathlib.Path, default=None,
                    help="copy the chosen run's router delta here")
@@ -276,7 +278,7 @@ def main() -> None:
         load = lambda f: None if f is None else json.loads(f.read_text())  # noqa: E731
         write_card(args.card, card_section(final, args.chosen, load(args.sweep),
                                            load(args.compare), args.verdict.read_text(),
-                                           load(args.full)))
+                                           load(args.full), load(args.frontier)))
         if args.ship is not None:
             import shutil
 
@@ -314,7 +316,8 @@ def _row(label: str, r: dict, base: dict, k2: str) -> str:
 
 
 def card_section(final: dict, chosen: str, sweep_doc: dict | None, compare_doc: dict | None,
-                 verdict: str, full_doc: dict | None = None) -> str:
+                 verdict: str, full_doc: dict | None = None,
+                 frontier_doc: dict | None = None) -> str:
     """The model card's ReMoE section, in markdown, from the result files.
 
     Args:
@@ -326,6 +329,7 @@ def card_section(final: dict, chosen: str, sweep_doc: dict | None, compare_doc: 
         verdict: prose written after reading the numbers (where each lever wins, defaults).
         full_doc: `remoe eval --finetuned <shipped delta> --out DIR` report.json on the whole
             held-out split, or None.
+        frontier_doc: `bench/experiments/remoe_frontier.py` results (loss variants), or None.
 
     Returns:
         Markdown between CARD_BEGIN and CARD_END.
@@ -388,6 +392,25 @@ def card_section(final: dict, chosen: str, sweep_doc: dict | None, compare_doc: 
             control = run["kind"] == "control" and "control" not in name
             lines.append(_row(name + (" (control)" if control else ""),
                               run["report"], sb, k2))
+    if frontier_doc is not None:
+        fb = frontier_doc["original"]
+        lines += ["", "### Can another loss do better? A frontier study "
+                  f"({frontier_doc['held_out_tokens']:,} held-out tokens)", "",
+                  "Every sweep point above lies near one curve. To tell whether that curve belongs "
+                  "to the loss or to router-only fine-tuning on this model, each variant below "
+                  "changes one thing: the reuse mass counted only on previous-token experts not "
+                  "already chosen (`new-only`), no locality term on layer 0 (`no layer 0`), a push "
+                  "only near the top-k boundary, the forward KL as trust, an extra trust on the "
+                  "top-k weights, 256-token windows, 4x the steps, and a straight-through "
+                  "soft top-k that lets the cross-entropy see which flips hurt. The `layer k only` "
+                  "rows put the whole locality term on one layer. Script, definitions and "
+                  "command: `bench/experiments/remoe_frontier.py`; data: "
+                  "`bench/results/finetune-frontier.json`.", "",
+                  "![loss variants vs the lambda sweep](../../../docs/img/remoe_frontier.png)", "",
+                  head]
+        lines.append(_row("original", fb, fb, k2))
+        for name, run in frontier_doc["runs"].items():
+            lines.append(_row(name, run["report"], fb, k2))
     if compare_doc is not None:
         rows = compare_doc["rows"]
         lines += ["", "### The honest comparison: inference-time reuse bias vs ReMoE router", "",

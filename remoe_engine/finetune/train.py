@@ -124,8 +124,20 @@ def freeze_all_but_routers(model: nn.Module) -> dict[str, nn.Parameter]:
     return routers
 
 
+# terms_fn(logits [B, S, E], ids [B, S, K], ref_logits [B, S, E] | None, cfg, layer) -> terms
+TermsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, ReMoEConfig, int],
+                   dict[str, torch.Tensor]]
+
+
+def default_terms(logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor | None,
+                  cfg: ReMoEConfig, layer: int) -> dict[str, torch.Tensor]:
+    """The method's terms (`loss.layer_terms`), the same for every layer."""
+    return layer_terms(logits, ids, ref_logits, cfg)
+
+
 def remoe_loss(model: nn.Module, tap: RouterTap, input_ids: torch.Tensor, cfg: ReMoEConfig,
-               step: int) -> tuple[torch.Tensor, dict[str, float]]:
+               step: int, terms_fn: TermsFn = default_terms
+               ) -> tuple[torch.Tensor, dict[str, float]]:
     """One teacher-forced forward and the total ReMoE loss.
 
     Args:
@@ -134,6 +146,9 @@ def remoe_loss(model: nn.Module, tap: RouterTap, input_ids: torch.Tensor, cfg: R
         input_ids: int64 [B, S].
         cfg: the config.
         step: 1-based optimizer step (locality warm-up).
+        terms_fn: computes one MoE layer's terms (`loss.TERMS` keys); the default is the
+            method's. Research variants of the loss plug in here (see
+            `bench/experiments/remoe_frontier.py`).
 
     Returns:
         (loss, logged floats).
@@ -144,8 +159,8 @@ def remoe_loss(model: nn.Module, tap: RouterTap, input_ids: torch.Tensor, cfg: R
     logits = out.logits  # [B, S, V]
     ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                          input_ids[:, 1:].reshape(-1))
-    layers = [layer_terms(lg, ids, ref if cfg.lambda_kl > 0 else None, cfg)
-              for lg, ids, ref in tap.pop(B, S)]
+    layers = [terms_fn(lg, ids, ref if cfg.lambda_kl > 0 else None, cfg, i)
+              for i, (lg, ids, ref) in enumerate(tap.pop(B, S))]
     return combine(ce, layers, cfg, step)
 
 
@@ -212,6 +227,7 @@ def finetune(
     mixed_precision: str | None = None,
     write_output: bool = True,
     log: Callable[[str], None] = print,
+    terms_fn: TermsFn = default_terms,
 ) -> dict:
     """Fine-tune the routers of a checkpoint with the ReMoE loss.
 
@@ -227,6 +243,8 @@ def finetune(
         mixed_precision: "no" or "bf16"; None picks bf16 on a CUDA device that supports it, else no.
         write_output: write the checkpoint folder and delta at the end (False: state only).
         log: callable taking one line of text (main process only).
+        terms_fn: one MoE layer's loss terms (default: the method's, `loss.layer_terms`); a
+            research hook, not part of the config, so a resumed run must pass the same one.
 
     Returns:
         The summary dict also written to `out/remoe-finetune.json`.
@@ -312,7 +330,7 @@ def finetune(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         with accelerator.autocast():
-            loss, logged = remoe_loss(model, tap, batch, cfg, step)
+            loss, logged = remoe_loss(model, tap, batch, cfg, step, terms_fn)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         logged["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.grad_clip))
