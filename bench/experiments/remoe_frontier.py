@@ -29,6 +29,7 @@ Run (about 15 minutes on 2 CPU cores with two shards in parallel):
     python bench/experiments/remoe_frontier.py decompose \
         --out bench/results/finetune-frontier.json \
         --delta remoe_engine/zoo/tiny/router-delta.safetensors
+    python bench/experiments/remoe_frontier.py probe --out bench/results/finetune-frontier.json
     python bench/experiments/remoe_frontier.py plot --out bench/results/finetune-frontier.json \
         --sweep bench/results/finetune-sweep.json --plot docs/img/remoe_frontier.png
 
@@ -263,6 +264,71 @@ def decompose(out: pathlib.Path, delta: pathlib.Path) -> None:
         print(f"{k:<40} ppl {ppl[k]:.4f} ({v:+.2f}%)")
 
 
+def probe(out: pathlib.Path, train_tokens: int = 131072, steps: int = 400) -> None:
+    """How much of the previous token's routing can a linear router read from its own input?
+
+    For each MoE layer, a linear probe (the router's shape plus a bias) is fit on training-split
+    tokens to predict the previous token's top-k set from the current token's router input
+    (multi-label BCE, full-batch AdamW), then scored on the held-out tokens by how many of the
+    previous token's experts its own top-k contains (recall@k, where chance is k/E and the
+    original router's score is its EOR). A router-only fine-tune can at best steer towards what
+    such a probe can see.
+    """
+    from remoe_engine.families import find_moe_blocks
+
+    path, stream, wins = sw._data(None, EVAL_TOKENS)
+    model = sw._model(path)
+    blocks = find_moe_blocks(model)
+    top_k, n_exp = int(model.config.num_experts_per_tok), int(model.config.num_experts)
+
+    def capture(w: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        seen: list[list] = [[] for _ in blocks]
+        hooks = [b.router.register_forward_hook(
+            lambda mod, args, o, i=i: seen[i].append((args[0].reshape(-1, args[0].shape[-1])
+                                                      .detach(), o[2].detach())))
+            for i, b in enumerate(blocks)]
+        with torch.no_grad():
+            for j in range(0, w.shape[0], 16):
+                model(input_ids=w[j:j + 16], use_cache=False)
+        for h in hooks:
+            h.remove()
+        S = w.shape[1]
+        out = []
+        for rows in seen:
+            hid = torch.cat([h for h, _ in rows]).view(-1, S, rows[0][0].shape[-1])
+            ids = torch.cat([i for _, i in rows]).view(-1, S, top_k).long()
+            # pair token t's input with token t-1's experts, inside each window
+            target = torch.zeros(ids.shape[0], S - 1, n_exp).scatter_(-1, ids[:, :-1], 1.0)
+            out.append((hid[:, 1:].reshape(-1, hid.shape[-1]).float(),
+                        target.reshape(-1, n_exp), ids[:, 1:].reshape(-1, top_k)))
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, stream.numel() - 256, (train_tokens // 256,), generator=g)
+    train = capture(torch.stack([stream[s:s + 256] for s in starts.tolist()]))
+    held = capture(wins)
+    layers = []
+    for layer, ((x, y, _), (xh, yh, own)) in enumerate(zip(train, held, strict=True)):
+        torch.manual_seed(layer)
+        lin = torch.nn.Linear(x.shape[-1], n_exp)
+        opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=1e-4)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(lin(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            guess = lin(xh).topk(top_k, dim=-1).indices
+        recall = float(yh.gather(-1, guess).sum(-1).mean()) / top_k
+        router_eor = float(yh.gather(-1, own).sum(-1).mean()) / top_k
+        layers.append({"layer": layer, "probe_recall_at_k": recall, "router_eor": router_eor})
+        print(f"layer {layer}: probe recall@{top_k} of the previous token's experts {recall:.3f}"
+              f" (the router's own EOR {router_eor:.3f}, chance {top_k / n_exp:.3f})", flush=True)
+    with locked_json(out) as doc:
+        doc["probe"] = {"what": probe.__doc__.split("\n\n")[0].strip(), "train_tokens":
+                        train_tokens, "held_out_tokens": int(wins.numel()), "steps": steps,
+                        "chance": top_k / n_exp, "layers": layers}
+
+
 def plot(out: pathlib.Path, sweep: pathlib.Path | None, image: pathlib.Path) -> None:
     """EOR gain against perplexity change: the study's variants over the sweep's recipes."""
     import matplotlib
@@ -319,6 +385,9 @@ def main() -> None:
     d.add_argument("--out", type=pathlib.Path, required=True)
     d.add_argument("--delta", type=pathlib.Path, required=True)
     d.add_argument("--threads", type=int, default=1)
+    b = sub.add_parser("probe", help="linear probe: previous token's experts from the router input")
+    b.add_argument("--out", type=pathlib.Path, required=True)
+    b.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("plot", help="draw the study over the lambda sweep")
     p.add_argument("--out", type=pathlib.Path, required=True)
     p.add_argument("--sweep", type=pathlib.Path, default=None)
@@ -328,6 +397,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         i, n = (int(x) for x in args.shard.split("/"))
         run(args.out, args.work, (i, n), args.only)
+    elif args.cmd == "probe":
+        torch.set_num_threads(args.threads)
+        probe(args.out)
     elif args.cmd == "decompose":
         torch.set_num_threads(args.threads)
         decompose(args.out, args.delta)
