@@ -74,7 +74,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     **{f"new-only r{r:g}, no layer 0, boundary {d:g}": (
         dict(lambda_kl=10.0, lambda_reuse=float(r)),
         dict(new_only=True, layer_weights=NO_LAYER0, boundary=d))
-       for r, d in ((5, 0.02), (10, 0.02), (30, 0.02), (10, 0.04))},
+       for r, d in ((5, 0.02), (8, 0.02), (10, 0.02), (30, 0.02), (10, 0.04))},
     "new-only r3, no layer 0, forward KL": (dict(lambda_kl=10.0, lambda_reuse=3.0),
                                             dict(new_only=True, layer_weights=NO_LAYER0,
                                                  forward_kl=True)),
