@@ -10,8 +10,10 @@ simulator refuses instead). Other points a reader should know:
 - scope "layer": every MoE layer has its own cache of `slots` slots (the pool's per-layer
   budgets). scope "global": one cache of `slots` slots shared by all layers, keyed by
   (layer, expert).
-- The cache starts empty and is never flushed between the trace's sequences (a server's pool
-  keeps its experts between requests); first uses count as misses.
+- The cache starts empty and by default is never flushed between the trace's sequences (a
+  server's pool keeps its experts between requests); first uses count as misses. With
+  `flush="sequence"` every sequence starts from an empty cache instead (each request on a cold
+  pool, e.g. to measure a single prompt's own locality).
 - Prefill tokens are replayed like decode tokens, one at a time.
 - OPT is Belady's rule under the same pinning: on a miss evict the unpinned resident expert
   whose next use is farthest. It is the offline ceiling for a fixed trace.
@@ -39,6 +41,7 @@ from remoe_engine import _C  # noqa: F401  (loads the library: registers torch.o
 from remoe_engine.trace import RoutingTrace
 
 __all__ = [
+    "FLUSHES",
     "POLICIES",
     "SCOPES",
     "SimResult",
@@ -53,6 +56,7 @@ __all__ = [
 
 POLICIES = ("lru", "lfu", "opt")
 SCOPES = ("layer", "global")
+FLUSHES = ("never", "sequence")
 
 
 def simulate_cache(requests: torch.Tensor, capacities: Sequence[int], policy: str) -> torch.Tensor:
@@ -207,6 +211,40 @@ def _hits(requests: torch.Tensor, slots: list[int], policy: str) -> torch.Tensor
     return simulate_cache(requests, slots, policy)
 
 
+def _hits_per_layer_token(trace: RoutingTrace, slots: list[int], policy: str, scope: str,
+                          flush: str) -> torch.Tensor:
+    """Hits of every (cache size, layer, token): int32 [C, L, N].
+
+    flush "never" replays the whole trace as one stream per cache; "sequence" replays every
+    sequence as its own stream from an empty cache. Sequences of equal length go to the kernel
+    together, as extra streams of one call.
+    """
+    L, N, K = trace.ids.shape
+    C = len(slots)
+    if flush == "never":
+        hits = _hits(requests_of(trace, scope), slots, policy)  # [C, G, R]
+        return hits if scope == "layer" else hits[:, 0].view(C, N, L).transpose(1, 2)
+    out = torch.zeros(C, L, N, dtype=torch.int32)
+    bounds = trace.offsets.tolist()
+    starts_by_length: dict[int, list[int]] = {}
+    for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end > begin:
+            starts_by_length.setdefault(end - begin, []).append(begin)
+    for length, starts in starts_by_length.items():
+        S = len(starts)
+        tokens = torch.tensor(starts).view(S, 1) + torch.arange(length)  # [S, n]
+        segment = trace.ids[:, tokens]  # [L, S, n, K]
+        if scope == "layer":
+            hits = _hits(segment.reshape(L * S, length, K), slots, policy).view(C, L, S, length)
+        else:
+            offset = (torch.arange(L, dtype=torch.int32) * trace.num_experts).view(L, 1, 1, 1)
+            keys = (segment + offset).permute(1, 2, 0, 3).reshape(S, length * L, K)  # token-major
+            hits = _hits(keys.contiguous(), slots, policy).view(C, S, length, L)
+            hits = hits.permute(0, 3, 1, 2)  # [C, L, S, n]
+        out[:, :, tokens] = hits
+    return out
+
+
 def sweep(
     trace: RoutingTrace,
     policies: Sequence[str] = POLICIES,
@@ -215,6 +253,7 @@ def sweep(
     scope: str = "layer",
     bytes_per_expert: int | None = None,
     bandwidth_gbps: float | None = None,
+    flush: str = "never",
 ) -> list[SimResult]:
     """Replay a trace through several policies and cache sizes.
 
@@ -225,31 +264,33 @@ def sweep(
         scope: "layer" or "global".
         bytes_per_expert: S_e; default the trace's `meta.expert_bytes` (None if unknown).
         bandwidth_gbps: link bandwidth in GB/s for the TPOT floor (None: no floor).
+        flush: "never" (one cache across all sequences) or "sequence" (every sequence starts
+            from an empty cache).
 
     Returns:
         One SimResult per (policy, size), policies outer, sizes in the given order.
 
     Raises:
-        ValueError: for an unknown policy or scope, a size below K, or a bandwidth <= 0.
+        ValueError: for an unknown policy, scope or flush, a size below K, or a bandwidth <= 0.
     """
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if flush not in FLUSHES:
+        raise ValueError(f"flush must be one of {FLUSHES}, got {flush!r}")
     if bandwidth_gbps is not None and not bandwidth_gbps > 0:
         raise ValueError(f"bandwidth must be > 0 GB/s, got {bandwidth_gbps}")
     slots = _check_slots(trace, slots, scope)
     if bytes_per_expert is None:
         bytes_per_expert = trace.meta.expert_bytes
     L, N, K = trace.ids.shape
-    requests = requests_of(trace, scope)
     results = []
     for policy in policies:
-        hits = _hits(requests, slots, policy)  # [C, G, R]
+        hits = _hits_per_layer_token(trace, slots, policy, scope, flush)  # [C, L, N]
         for c, size in enumerate(slots):
-            # Both scopes -> [L, N] hits per (layer, token).
-            per = hits[c] if scope == "layer" else hits[c, 0].view(N, L).T
+            per = hits[c]
             hits_per_layer = per.sum(dim=1, dtype=torch.int64)  # [L]
             misses_token = (L * K - per.sum(dim=0, dtype=torch.int64)).numpy()  # [N]
             total_hits = int(hits_per_layer.sum())
@@ -286,6 +327,7 @@ def simulate(
     total_slots: int | None = None,
     bytes_per_expert: int | None = None,
     bandwidth_gbps: float | None = None,
+    flush: str = "never",
 ) -> SimResult:
     """Replay a trace through one policy at one cache size.
 
@@ -297,6 +339,7 @@ def simulate(
             Give exactly one of the two.
         bytes_per_expert: S_e; default the trace's `meta.expert_bytes`.
         bandwidth_gbps: link bandwidth in GB/s for the TPOT floor.
+        flush: "never" or "sequence" (see `sweep`).
 
     Returns:
         SimResult, with hits and misses per layer.
@@ -306,7 +349,7 @@ def simulate(
     scope = "layer" if slots_per_layer is not None else "global"
     size = slots_per_layer if slots_per_layer is not None else total_slots
     return sweep(trace, [policy], [size], scope=scope, bytes_per_expert=bytes_per_expert,
-                 bandwidth_gbps=bandwidth_gbps)[0]
+                 bandwidth_gbps=bandwidth_gbps, flush=flush)[0]
 
 
 _POLICY_COLORS = {"lru": "tab:blue", "lfu": "tab:orange", "opt": "tab:green"}

@@ -431,3 +431,51 @@ def test_cli_refuses_an_empty_trace(tmp_path, capsys):
     empty.save(path)
     assert cli.main(["simulate", str(path), "--json"]) == 2
     assert "holds no tokens" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ flush between sequences
+
+
+@pytest.mark.parametrize("scope", sim.SCOPES)
+@pytest.mark.parametrize("policy", sim.POLICIES)
+def test_flush_replays_every_sequence_from_an_empty_cache(policy, scope):
+    """Flushed = each sequence simulated as its own trace, hits summed (unequal lengths too)."""
+    base = synthetic(600, layers=3, experts=16, top_k=4, seed=11)
+    # lengths 100, 100, 0, 230, 170: equal lengths share a kernel call, an empty one is skipped
+    tr = RoutingTrace(ids=base.ids, offsets=torch.tensor([0, 100, 200, 200, 430, 600]),
+                      meta=base.meta)
+    size = 6 if scope == "layer" else 15
+    flushed = sim.sweep(tr, [policy], [size], scope=scope, flush="sequence")[0]
+    hits_per_layer = [0] * tr.num_layers
+    for s in range(tr.num_sequences):
+        a, b = int(tr.offsets[s]), int(tr.offsets[s + 1])
+        alone = RoutingTrace(ids=tr.ids[:, a:b], offsets=torch.tensor([0, b - a]), meta=tr.meta)
+        result = sim.sweep(alone, [policy], [size], scope=scope)[0]
+        hits_per_layer = [x + y for x, y in zip(hits_per_layer, result.hits_per_layer,
+                                                strict=True)]
+    assert flushed.hits_per_layer == hits_per_layer
+    if policy != "lfu":  # LRU and OPT never lose from a warm start; LFU's old counts can
+        assert flushed.hits <= sim.sweep(tr, [policy], [size], scope=scope)[0].hits
+    one = RoutingTrace(ids=tr.ids, offsets=torch.tensor([0, tr.num_tokens]), meta=tr.meta)
+    assert (sim.sweep(one, [policy], [size], scope=scope, flush="sequence")[0].hits_per_layer
+            == sim.sweep(one, [policy], [size], scope=scope)[0].hits_per_layer)
+
+
+def test_flush_by_hand():
+    # One layer, K=1, two sequences [0, 1] and [0, 1]: kept warm, the second pass hits twice.
+    tr = _trace([[[0], [1], [0], [1]]], num_experts=2, lengths=[2, 2])
+    assert sim.simulate(tr, "lru", slots_per_layer=2).hits == 2
+    assert sim.simulate(tr, "lru", slots_per_layer=2, flush="sequence").hits == 0
+    with pytest.raises(ValueError, match="flush must be one of"):
+        sim.simulate(tr, "lru", slots_per_layer=2, flush="always")
+
+
+def test_cli_flush_between_sequences(tmp_path, capsys):
+    path = tmp_path / "t.safetensors"
+    _trace([[[0], [1], [0], [1]]], num_experts=2, lengths=[2, 2]).save(path)
+    for flag, hits in (([], 2), (["--flush-between-sequences"], 0)):
+        assert cli.main(["simulate", str(path), "--slots", "2", "--policy", "lru", "--json",
+                         *flag]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["flush"] == ("sequence" if flag else "never")
+        assert report["traces"][0]["results"][0]["hits"] == hits

@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "per layer, times the layer count for global)")
     parser.add_argument("--scope", choices=("layer", "global"), default="layer",
                         help="a cache per MoE layer, or one shared by all layers (layer)")
+    parser.add_argument("--flush-between-sequences", action="store_true",
+                        help="start every sequence of the trace from an empty cache (default: "
+                        "one cache across all sequences, as a server's pool keeps its experts "
+                        "between requests)")
     parser.add_argument("--bytes-per-expert", type=int, default=None, metavar="BYTES",
                         help="bytes fetched per miss (default: from the trace, when recorded)")
     parser.add_argument("--bandwidth", type=float, default=None, metavar="GB/s",
@@ -157,12 +161,13 @@ def run(args: argparse.Namespace) -> int:
     slots = (parse_slots(args.slots) if args.slots else
              default_slots(first.top_k, first.num_experts, first.num_layers, args.scope))
 
+    flush = "sequence" if args.flush_between_sequences else "never"
     entries, series = [], []
     for path, label, tr in zip(args.traces, labels, traces, strict=True):
         try:
             results = sim.sweep(tr, policies, slots, scope=args.scope,
                                 bytes_per_expert=args.bytes_per_expert,
-                                bandwidth_gbps=args.bandwidth)
+                                bandwidth_gbps=args.bandwidth, flush=flush)
         except ValueError as error:
             raise CommandError(f"{path}: {error}") from None
         try:
@@ -175,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             "results": [r.to_dict() for r in results],
         })
         series.append((label, results))
-    report = {"scope": args.scope, "policies": policies, "slots": slots,
+    report = {"scope": args.scope, "flush": flush, "policies": policies, "slots": slots,
               "bandwidth_gbps": args.bandwidth, "traces": entries}
     if len(traces) == 2:
         try:
@@ -189,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
             series,
             args.plot,
             title=f"{model}: hit rate vs cache size ({args.scope} scope, "
-                  f"top-{first.top_k} of {first.num_experts}, {first.num_tokens} tokens)",
+                  + ("cache emptied per sequence, " if flush == "sequence" else "")
+                  + f"top-{first.top_k} of {first.num_experts}, {first.num_tokens} tokens)",
         )
     if args.json:
         print(json.dumps(report, indent=2))
