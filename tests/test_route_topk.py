@@ -142,6 +142,23 @@ def test_nan_and_inf_rows_are_deterministic_and_match_reference(device):
     assert ids[1, 0].item() == 5  # sigmoid(+inf) = 1 is a fine score
 
 
+@pytest.mark.parametrize("K", [1, 3, 8, 10])
+def test_heavy_ties_nans_infs_and_signed_zeros_match_reference(device, K):
+    """Values from a tiny set (so most comparisons tie), with NaN, +-inf and -0.0 mixed in."""
+    g = torch.Generator().manual_seed(K)
+    pool = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, float("inf"), float("-inf"), float("nan")])
+    logits = pool[torch.randint(0, len(pool), (64, 24), generator=g)].to(device)
+    prefer = (torch.rand(64, 24, generator=g) < 0.3).to(device)
+    for scoring in ("sigmoid", "softmax_over_topk"):
+        for kwargs in ({}, {"prefer": prefer, "reuse_bias": 0.5}):
+            got = ops.route_topk(logits, K, scoring=scoring, renormalize=False, **kwargs)
+            want = ref.route_topk(logits, K, scoring=scoring, renormalize=False, **kwargs)
+            assert torch.equal(got[1].cpu(), want[1].cpu()), (scoring, kwargs)
+    zeros = torch.tensor([[-0.0, 0.0, -1.0], [0.0, -0.0, -1.0]], device=device)
+    _, ids = ops.route_topk(zeros, 1, scoring="softmax_over_topk")
+    assert ids[:, 0].tolist() == [0, 0]  # -0.0 and +0.0 tie: the lower id wins
+
+
 def test_check_finite_names_the_token_and_expert():
     logits = torch.zeros(4, 8)
     logits[2, 5] = float("nan")

@@ -13,6 +13,7 @@
 
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "route_topk.h"
@@ -121,6 +122,7 @@ struct RowScratch {
 };
 
 // Inserts (value, id) into the sorted buffer (best first) of capacity `cap` holding `*count`.
+// Used for the group ranking (a handful of groups); experts go through rank keys below.
 inline void insert_ranked(float value, int64_t id, float* vals, int64_t* ids, int64_t* count,
                           int64_t cap) {
   int64_t i = *count < cap ? *count : cap - 1;
@@ -135,6 +137,54 @@ inline void insert_ranked(float value, int64_t id, float* vals, int64_t* ids, in
   if (*count < cap) ++*count;
 }
 
+// The ranking rule as int32 keys, so the top-K scan compares integers: a larger key ranks first,
+// and since experts are scanned in id order, "strictly larger" also settles ties toward the lower
+// id. Floats map monotonically (sign-magnitude to two's complement, -0 folded into +0 because
+// the rule treats them as equal); every NaN maps to kNanKey, below -inf; experts a group mask
+// excludes get kExcludedKey and are never taken.
+constexpr int32_t kExcludedKey = std::numeric_limits<int32_t>::min();
+constexpr int32_t kNanKey = kExcludedKey + 1;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void rank_keys_row(const float* sel, const uint8_t* keep, int32_t* key, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) {
+    const float v = sel[e] + 0.0f;  // -0 + 0 = +0 (round to nearest)
+    int32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    int32_t k = bits ^ ((bits >> 31) & 0x7fffffff);
+    k = v != v ? kNanKey : k;
+    if (keep != nullptr) k = keep[e] ? k : kExcludedKey;
+    key[e] = k;
+  }
+}
+
+// Top-K of one row's keys into ids[0..K) (best first). Most experts fail one integer compare
+// against the current K-th key; the rest shift into a sorted buffer of K.
+inline void top_k_of_keys(const int32_t* key, int64_t n, int64_t K, int32_t* top_key,
+                          int64_t* ids) {
+  int64_t count = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    const int32_t k = key[e];
+    if (k == kExcludedKey) continue;
+    int64_t i;
+    if (count == K) {
+      if (k <= top_key[K - 1]) continue;
+      i = K - 1;
+    } else {
+      i = count++;
+    }
+    while (i > 0 && k > top_key[i - 1]) {
+      top_key[i] = top_key[i - 1];
+      ids[i] = ids[i - 1];
+      --i;
+    }
+    top_key[i] = k;
+    ids[i] = e;
+  }
+}
+
 template <typename scalar_t>
 void route_topk_rows(const scalar_t* logits,          // [T, E]
                      const bool* prefer,              // [E] or [T, E] or null
@@ -147,21 +197,28 @@ void route_topk_rows(const scalar_t* logits,          // [T, E]
   const int64_t G = p.n_group;
   const int64_t group_size = E / G;
   RowScratch s(E, G);
-  std::vector<float> top_val(K);
+  std::vector<int32_t> keys(E);
+  std::vector<int32_t> top_key(K);
 
   for (int64_t t = begin; t < end; ++t) {
     const scalar_t* row = logits + t * E;
-    float* x = s.x.data();
-    for (int64_t e = 0; e < E; ++e) x[e] = static_cast<float>(row[e]);
-
-    // 1. Unbiased fp32 scores.
-    float* score = s.score.data();
-    if (p.scoring == Scoring::kSoftmax) {
-      softmax_row(x, score, E);
-    } else if (p.scoring == Scoring::kSigmoid) {
-      sigmoid_row(x, score, E);
+    const float* x;  // the row in fp32: read in place when it already is
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      x = row;
     } else {
-      std::memcpy(score, x, sizeof(float) * E);
+      float* converted = s.x.data();
+      for (int64_t e = 0; e < E; ++e) converted[e] = static_cast<float>(row[e]);
+      x = converted;
+    }
+
+    // 1. Unbiased fp32 scores (softmax_over_topk scores the raw logits).
+    const float* score = x;
+    if (p.scoring == Scoring::kSoftmax) {
+      softmax_row(x, s.score.data(), E);
+      score = s.score.data();
+    } else if (p.scoring == Scoring::kSigmoid) {
+      sigmoid_row(x, s.score.data(), E);
+      score = s.score.data();
     }
 
     // 2. Selection scores: biases move the choice, never the weights.
@@ -215,20 +272,8 @@ void route_topk_rows(const scalar_t* logits,          // [T, E]
 
     // 4. Top-K by the ranking rule (ties -> lower id, NaN last).
     int64_t* out_ids = ids + t * K;
-    int64_t count = 0;
-    float* best = top_val.data();
-    for (int64_t e = 0; e < E; ++e) {
-      if (keep != nullptr && !keep[e]) continue;
-      const float v = sel[e];
-      // Fast reject once the buffer is full: ids arrive in increasing order, so a candidate that
-      // does not beat the K-th value strictly (a tie goes to the earlier, lower id) cannot enter,
-      // unless the K-th is NaN and the candidate is a number. Most candidates stop here.
-      if (count == K) {
-        const float worst = best[K - 1];
-        if (!(v > worst) && !(worst != worst && v == v)) continue;
-      }
-      insert_ranked(v, e, best, out_ids, &count, K);
-    }
+    rank_keys_row(sel, keep, keys.data(), E);
+    top_k_of_keys(keys.data(), E, K, top_key.data(), out_ids);
 
     // 5. Weights from the unbiased scores.
     float* out_w = weights + t * K;
