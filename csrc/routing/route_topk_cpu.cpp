@@ -109,6 +109,24 @@ void sigmoid_row(const float* in, float* out, int64_t n) {
   for (int64_t e = 0; e < n; ++e) out[e] = 1.0f / (1.0f + exp_approx(-in[e]));
 }
 
+// out = score (+ correction_bias) (+ reuse_bias where preferred), in that order. Branch-free so it
+// vectorizes: a per-token `prefer` row is close to random, and a branch on it mispredicts often.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void selection_row(const float* score, const float* correction_bias, const bool* prefer,
+                   float reuse_bias, float* out, int64_t n) {
+  if (correction_bias != nullptr) {
+    for (int64_t e = 0; e < n; ++e) out[e] = score[e] + correction_bias[e];
+  } else {
+    std::memcpy(out, score, sizeof(float) * n);
+  }
+  if (prefer != nullptr) {
+    const uint8_t* pref = reinterpret_cast<const uint8_t*>(prefer);
+    for (int64_t e = 0; e < n; ++e) out[e] += pref[e] ? reuse_bias : 0.0f;
+  }
+}
+
 // Per-thread scratch, sized once per parallel chunk.
 struct RowScratch {
   std::vector<float> x;       // [E] logits as fp32
@@ -224,15 +242,9 @@ void route_topk_rows(const scalar_t* logits,          // [T, E]
     // 2. Selection scores: biases move the choice, never the weights.
     const float* sel = score;
     if (p.has_prefer || p.has_correction_bias) {
-      float* select = s.select.data();
       const bool* pref = p.has_prefer ? prefer + (p.prefer_per_token ? t * E : 0) : nullptr;
-      for (int64_t e = 0; e < E; ++e) {
-        float v = score[e];
-        if (correction_bias != nullptr) v += correction_bias[e];
-        if (pref != nullptr && pref[e]) v += p.reuse_bias;
-        select[e] = v;
-      }
-      sel = select;
+      selection_row(score, correction_bias, pref, p.reuse_bias, s.select.data(), E);
+      sel = s.select.data();
     }
 
     // 3. Group-limited selection (DeepSeek): keep the topk_group best groups.
