@@ -262,6 +262,29 @@ def test_jsonl_data(base, tmp_path):
         read_texts(path)
 
 
+def test_saved_datasets_data(base, tmp_path):
+    datasets = pytest.importorskip("datasets")  # in the test extra; optional for users
+    from remoe_engine.finetune.data import DataError, read_texts
+
+    rows = {"text": ["def f(x):", "return x"], "id": [1, 2]}
+    datasets.Dataset.from_dict(rows).save_to_disk(tmp_path / "one")
+    assert read_texts(tmp_path / "one") == rows["text"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "test": datasets.Dataset.from_dict({"text": ["x"], "id": [0]})}
+                         ).save_to_disk(tmp_path / "dict")
+    assert read_texts(tmp_path / "dict") == rows["text"]  # the train split
+    with pytest.raises(DataError, match="no text column"):
+        read_texts(tmp_path / "one", text_key="body")
+    # The whole path: `remoe finetune --data` on a saved dataset trains and writes a delta.
+    big = {"text": (base / "train.txt").read_text().split("\n")}
+    datasets.Dataset.from_dict(big).save_to_disk(tmp_path / "big")
+    out = tmp_path / "ft"
+    assert cli_main(["finetune", "--model", str(base / "base"), "--data", str(tmp_path / "big"),
+                     "--out", str(out), "--steps", "2", "--batch", "2", "--seq-len", "16",
+                     "--no-progress"]) == 0
+    assert (out / "router-delta.safetensors").is_file()
+
+
 def test_eval_command_writes_table_json_and_plot(base, tmp_path, capsys):
     out = tmp_path / "ft"
     run_finetune(base, out, tiny_cfg(steps=4))
