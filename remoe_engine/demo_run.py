@@ -48,6 +48,7 @@ class RunSettings:
     eval_tokens: int = 256
     eval_text: str | None = None  # a text file; default: the model's shipped held-out slice
     progress: bool = True
+    prefetch: bool = False  # decode prefetches the next MoE layer's guessed experts
 
 
 @dataclass
@@ -240,7 +241,7 @@ def run(settings: RunSettings, log=print) -> dict:
         packed = str(store.pack(os.path.join(tmp, "experts.remoe"), progress=False))
         bandwidth, direct = read_bandwidth(packed)
         common = dict(store="disk", packed=packed, o_direct=direct, device=settings.device,
-                      dtype=torch.float32, policy=settings.policy)
+                      dtype=torch.float32, policy=settings.policy, prefetch=settings.prefetch)
         pool_size = (dict(memory_budget=budget) if budget is not None
                      else dict(slots_per_layer=settings.slots_per_layer))
 
@@ -304,6 +305,7 @@ def run(settings: RunSettings, log=print) -> dict:
     spec = routing_spec(AutoConfig.from_pretrained(settings.model))
     return dict(
         model=settings.model, device=settings.device, policy=settings.policy,
+        prefetch=settings.prefetch,
         memory_budget=budget, slots_per_layer=settings.slots_per_layer,
         expert_bytes=len(store.layers) * store.num_experts * store.layout.slot_bytes,
         slot_bytes=store.layout.slot_bytes, layers=len(store.layers),

@@ -12,6 +12,15 @@ missing ones ordered by the position of the last token that uses them, so the ex
 the prompt routes to are loaded last and are what the pool holds when decoding starts. This is
 why a large prefill does not needlessly flush the decode working set: what it leaves behind is
 the working set of its final tokens, which is what the next decode token most likely needs.
+
+Prefetch (opt-in, decode only): with `ExpertsState.next_layer` set, a decode step of layer l
+guesses the experts of the next MoE layer by applying that layer's router to this layer's MoE
+input (the hidden state the next router will see, less one attention block and one MoE block:
+"pre-gating") and asks the pool to start loading the guesses that are not resident. The loads
+run on the pool's reader threads while layer l's experts and the next attention compute. A wrong
+guess costs a read and may evict an expert that would have hit, so it is off by default and
+measured with and without (`bench/bench_prefetch.py`). Prefetch changes residency only: outputs
+are unchanged unless a reuse bias prefers the resident experts.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ class ExpertsState:
     pool: Any  # remoe_engine.pool.SlotPool
     waves: int = 0  # waves run (more than forwards means the budget forced waves)
     forwards: int = 0
+    # Prefetch: (transformers layer index, router module) of the next MoE layer, or None.
+    next_layer: tuple[int, nn.Module] | None = None
     _slot_views: list | None = None  # per slot: name -> tensor views of the slot buffer
 
     def slot_views(self, slot: int) -> dict[str, torch.Tensor]:
@@ -159,7 +170,12 @@ def _decode_one_token(experts: nn.Module, state: ExpertsState, hidden_states: to
     columns = keep.nonzero().flatten().tolist()
     state.forwards += 1
     state.waves += 1
-    slots = state.pool.acquire(state.layer, ids)
+    slots = state.pool.acquire(state.layer, ids, wait=state.next_layer is None)
+    if state.next_layer is not None:
+        # This layer's own loads were enqueued first; the guesses queue behind them and finish
+        # while this layer computes. A failed wait drops this call's pins itself.
+        prefetch_next_layer(state, hidden_states, int(ids.numel()))
+        state.pool.wait(state.layer, ids)
     try:
         for column, slot in zip(columns, slots.tolist(), strict=True):
             y = expert_ffn(experts, hidden_states, state.slot_views(slot))
@@ -167,6 +183,27 @@ def _decode_one_token(experts: nn.Module, state: ExpertsState, hidden_states: to
     finally:
         state.pool.release(state.layer, ids)
     return out.to(hidden_states.dtype)
+
+
+def prefetch_next_layer(state: ExpertsState, hidden_states: torch.Tensor, top_k: int) -> int:
+    """Start loading the next MoE layer's likely experts (module docstring, "Prefetch").
+
+    Args:
+        state: this layer's state, with `next_layer` set.
+        hidden_states: [1, H], this layer's MoE input.
+        top_k: experts to guess.
+
+    Returns:
+        Loads started.
+    """
+    layer, router = state.next_layer
+    with torch.no_grad():
+        scores = F.linear(hidden_states, router.weight, getattr(router, "bias", None))  # [1, E]
+        correction = getattr(router, "e_score_correction_bias", None)
+        if correction is not None:  # sigmoid-scored families select on sigmoid + bias
+            scores = scores.float().sigmoid() + correction
+        guess = scores[0].topk(min(top_k, scores.shape[-1])).indices.to("cpu")  # host sync
+    return state.pool.prefetch(layer, guess)
 
 
 def register() -> None:

@@ -46,6 +46,7 @@ class Handle:
     _hooks: list = field(default_factory=list)
     _patched: bool = True
     _loaded: bool = False  # from load(): the experts were never in memory, nothing to restore
+    prefetch: bool = False  # decode steps prefetch the next MoE layer's guessed experts
 
     def stats(self) -> dict:
         """Pool counters (hits, misses, evictions, bytes read/copied, stall seconds), per layer and
@@ -57,6 +58,7 @@ class Handle:
         stats["topk_agreement"] = agree / routed if routed else 1.0
         stats["reuse_bias"] = self.reuse_bias
         stats["bias_source"] = self.bias_source
+        stats["prefetch"] = self.prefetch
         stats["waves"] = sum(b.experts._remoe.waves for b in self.blocks
                              if "_remoe" in b.experts.__dict__)
         return stats
@@ -84,7 +86,10 @@ class Handle:
         return self.model
 
 
-def _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source):
+def _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source,
+                  prefetch=False):
+    if not isinstance(prefetch, bool):
+        raise ValueError(f"prefetch must be True or False, got {prefetch!r}")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if store not in STORES:
@@ -139,16 +144,19 @@ def _host_copy(store):
 
 
 def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device, *,
-            reuse_bias: float, bias_source: str, handle: Handle) -> None:
+            reuse_bias: float, bias_source: str, handle: Handle, prefetch: bool = False) -> None:
     """Swap routers, install the experts implementation and the sequence hooks."""
     spec = routing_spec(model)
-    for block in blocks:
+    for i, block in enumerate(blocks):
         state = router_impl.RouterState(layer=block.layer_idx, spec=spec, reuse_bias=reuse_bias,
                                         bias_source=bias_source)
         state.resident = _resident_fn(pool, block.layer_idx, device)
         router_impl.install(block.router, state)
         handle._restore.append(lambda r=block.router: router_impl.uninstall(r))
-        block.experts._remoe = experts_impl.ExpertsState(layer=block.layer_idx, pool=pool)
+        following = blocks[i + 1] if prefetch and i + 1 < len(blocks) else None
+        block.experts._remoe = experts_impl.ExpertsState(
+            layer=block.layer_idx, pool=pool,
+            next_layer=None if following is None else (following.layer_idx, following.router))
         handle._restore.append(lambda e=block.experts: e.__dict__.pop("_remoe", None))
         # The block sees [B, S, H]: tell the router the sequence shape ("previous" bias source).
         handle._hooks.append(block.block.register_forward_pre_hook(
@@ -207,7 +215,7 @@ def _blocks_or_raise(model: nn.Module) -> list[MoEBlock]:
 
 def patch(model: nn.Module, *, slots_per_layer: int | None = None,
           memory_budget: int | str | None = None, policy: str = "lru", store: str = "host",
-          reuse_bias: float = 0.0, bias_source: str = "resident") -> Handle:
+          reuse_bias: float = 0.0, bias_source: str = "resident", prefetch: bool = False) -> Handle:
     """Serve the experts of an in-memory transformers MoE model from the slot pool.
 
     Args:
@@ -218,12 +226,17 @@ def patch(model: nn.Module, *, slots_per_layer: int | None = None,
         store: "host" (the experts move to host memory, pinned on CUDA machines).
         reuse_bias: added to the selection score of preferred experts (0 = exact routing).
         bias_source: "resident" (experts in the pool) or "previous" (the previous token's).
+        prefetch: at decode, guess the next MoE layer's experts with its router and start
+            loading them early (opt-in: a wrong guess costs a read and may evict a hit; see
+            `remoe_engine.experts` and `bench/bench_prefetch.py`). It changes only what is
+            resident, so outputs are unchanged, except with a reuse bias toward the "resident"
+            experts, which then sees a different pool.
     Returns:
         a Handle with stats() and unpatch().
     """
     from remoe_engine.store import ExpertStore
 
-    _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source)
+    _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source, prefetch)
     if store != "host":
         raise ValueError("patch() takes a model in memory: store must be 'host' "
                          "(use remoe_engine.load(path, store='disk') to stream from files)")
@@ -236,7 +249,7 @@ def patch(model: nn.Module, *, slots_per_layer: int | None = None,
     device = devices[0]
     # take=True: each layer's experts leave the model right after they are copied.
     expert_store = ExpertStore.from_model(model, take=True)
-    handle = Handle(model, blocks, None, expert_store, reuse_bias, bias_source)
+    handle = Handle(model, blocks, None, expert_store, reuse_bias, bias_source, prefetch=prefetch)
     handle._restore.append(
         lambda: _restore_experts(blocks, expert_store, devices, requires_grad))
     try:
@@ -245,7 +258,7 @@ def patch(model: nn.Module, *, slots_per_layer: int | None = None,
         handle.unpatch()  # a bad budget must not leave the model without its experts
         raise
     _attach(model, blocks, handle.pool, device, reuse_bias=reuse_bias, bias_source=bias_source,
-            handle=handle)
+            handle=handle, prefetch=prefetch)
     model._remoe_patched = True
     handle._restore.append(lambda: model.__dict__.pop("_remoe_patched", None))
     return handle
@@ -300,7 +313,8 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
          slots_per_layer: int | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | None = None, store: str = "disk", policy: str = "lru",
          reuse_bias: float = 0.0, bias_source: str = "resident", packed: str | None = None,
-         num_threads: int = 4, o_direct: bool = False, **from_pretrained_kwargs) -> nn.Module:
+         num_threads: int = 4, o_direct: bool = False, prefetch: bool = False,
+         **from_pretrained_kwargs) -> nn.Module:
     """Load a transformers MoE checkpoint without ever materializing its experts.
 
     Args:
@@ -311,7 +325,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
         dtype: model dtype (default: the checkpoint's).
         store: "disk" (read experts from the files on each miss) or "host" (read them all into
             host memory once; pinned on CUDA machines).
-        policy, reuse_bias, bias_source: as for `patch`.
+        policy, reuse_bias, bias_source, prefetch: as for `patch`.
         packed: a file written by `remoe pack` to read experts from instead of the checkpoint.
         num_threads: reader threads of the pool (concurrent storage reads).
         o_direct: read the packed file with O_DIRECT, bypassing the page cache.
@@ -322,7 +336,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
 
     from remoe_engine.store import ExpertStore
 
-    _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source)
+    _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source, prefetch)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
@@ -341,8 +355,9 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
         expert_store = _host_copy(expert_store)
     pool = _make_pool(expert_store, device, slots_per_layer, memory_budget, policy,
                       num_threads=num_threads, o_direct=o_direct)
-    handle = Handle(model, blocks, pool, expert_store, reuse_bias, bias_source, _loaded=True)
+    handle = Handle(model, blocks, pool, expert_store, reuse_bias, bias_source, _loaded=True,
+                    prefetch=prefetch)
     _attach(model, blocks, pool, device, reuse_bias=reuse_bias, bias_source=bias_source,
-            handle=handle)
+            handle=handle, prefetch=prefetch)
     model.remoe = handle
     return model

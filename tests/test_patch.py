@@ -144,6 +144,7 @@ def test_unsupported_model_is_a_clear_error():
     (dict(slots_per_layer=0), "slots_per_layer must be >= 1"),
     (dict(memory_budget="lots"), "cannot parse a byte size from 'lots'"),
     (dict(memory_budget=10), "less than one"),
+    (dict(prefetch="yes"), "prefetch must be True or False"),
 ])
 def test_bad_arguments_are_clear_errors_and_leave_the_model_alone(kwargs, match):
     model = hf_tiny.build("qwen3_moe")
@@ -335,3 +336,48 @@ def test_prefill_waves_leave_the_last_tokens_experts_resident():
     assert stats["waves"] > len(handle.blocks)  # the prefill did need waves
     for layer, experts in last_ids.items():
         assert set(experts) <= resident[layer], f"layer {layer}: {experts} not in {resident[layer]}"
+
+
+# ------------------------------------------------------------------ prefetch: residency only
+
+
+@pytest.mark.parametrize("variant", hf_tiny.ALL_VARIANTS, ids=hf_tiny.variant_id)
+def test_prefetch_changes_no_output(variant):
+    """Decode with the next layer's guesses prefetched: same logits and tokens, counted loads."""
+    model_type, extra = variant
+    model = hf_tiny.build(model_type, **extra)
+    ids = _inputs(model, 1)
+    want_steps, want_tokens = _decode_logits(model, ids), _generate(model, ids)
+    handle = remoe_engine.patch(model, slots_per_layer=_top_k(model) + 1, prefetch=True)
+    got_steps, got_tokens = _decode_logits(model, ids), _generate(model, ids)
+    stats = handle.stats()
+    handle.unpatch()
+    torch.testing.assert_close(got_steps, want_steps, atol=ATOL, rtol=0)
+    assert torch.equal(got_tokens, want_tokens)
+    assert stats["prefetch"] is True
+    assert stats["prefetches"] > 0  # decode steps guessed and loaded experts early
+    assert 0 <= stats["prefetch_hits"] <= stats["prefetches"]
+
+
+def test_prefetch_from_disk_with_reader_threads(tmp_path):
+    from remoe_engine.store import ExpertStore
+
+    model = hf_tiny.build("qwen3_moe")
+    model.save_pretrained(tmp_path / "ckpt")
+    ExpertStore.from_checkpoint(tmp_path / "ckpt").pack(tmp_path / "experts.remoe")
+    ids = _inputs(model, 1)
+    want = _decode_logits(model, ids, n=12)
+    counts = {}
+    for prefetch in (False, True):
+        loaded = remoe_engine.load(tmp_path / "ckpt", slots_per_layer=_top_k(model) + 1,
+                                   dtype=torch.float32, packed=str(tmp_path / "experts.remoe"),
+                                   num_threads=2, prefetch=prefetch)
+        torch.testing.assert_close(_decode_logits(loaded, ids, n=12), want, atol=ATOL, rtol=0)
+        counts[prefetch] = loaded.remoe.stats()
+    assert counts[False]["prefetches"] == 0
+    assert counts[True]["prefetches"] > 0
+    # A prefetch is a read of one expert blob, like a miss.
+    blob = counts[False]["bytes_read"] // counts[False]["misses"]
+    assert counts[False]["bytes_read"] == counts[False]["misses"] * blob
+    on = counts[True]
+    assert on["bytes_read"] == (on["misses"] + on["prefetches"]) * blob

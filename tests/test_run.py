@@ -55,6 +55,21 @@ def test_report_fields(report):
         assert row["reuse_bias"] == card["recommended_reuse_bias"]
         assert row["bias_source"] == card["recommended_bias_source"]
     assert [row["router"] for row in report["rows"]] == ["original", "remoe"] * 2
+    assert report["prefetch"] is False and all(r["stats"]["prefetches"] == 0
+                                               for r in report["rows"])
+
+
+def test_prefetch_option_reads_guesses_too(capsys):
+    assert cli.main(["run", "--json", "--max-new-tokens", "3", "--eval-tokens", "24",
+                     "--prefetch", "--router-delta", "none", "--reuse-bias", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prefetch"] is True
+    (row,) = report["rows"]
+    decoded = report["eval_tokens"] - 1
+    assert row["stats"]["prefetches"] > 0
+    # Bytes read per decoded token = (misses + prefetched loads) x one slot.
+    assert row["bytes_read_per_token"] == pytest.approx(
+        (row["stats"]["misses"] + row["stats"]["prefetches"]) * report["slot_bytes"] / decoded)
 
 
 @pytest.mark.parametrize("argv,message", [

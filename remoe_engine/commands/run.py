@@ -48,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-text", default=None,
                         help="text file for the held-out evaluation (default: the model's "
                              "shipped held-out slice)")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="at decode, start reading the next MoE layer's likely experts early "
+                        "(off by default: it reads more bytes than it saves on the built-in "
+                        "model; see bench/bench_prefetch.py)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -119,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         router_delta=args.router_delta, device=args.device,
         prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
         max_new_tokens=args.max_new_tokens, eval_tokens=args.eval_tokens,
-        eval_text=args.eval_text, progress=not args.no_progress and not args.json)
+        eval_text=args.eval_text, progress=not args.no_progress and not args.json,
+        prefetch=args.prefetch)
     try:
         report = run_report(settings)
     except (NotImplementedError, ValueError, FileNotFoundError) as error:
