@@ -14,13 +14,14 @@ why a large prefill does not needlessly flush the decode working set: what it le
 the working set of its final tokens, which is what the next decode token most likely needs.
 
 Prefetch (opt-in, decode only): with `ExpertsState.next_layer` set, a decode step of layer l
-guesses the experts of the next MoE layer by applying that layer's router to this layer's MoE
-input (the hidden state the next router will see, less one attention block and one MoE block:
-"pre-gating") and asks the pool to start loading the guesses that are not resident. The loads
-run on the pool's reader threads while layer l's experts and the next attention compute. A wrong
-guess costs a read and may evict an expert that would have hit, so it is off by default and
-measured with and without (`bench/bench_prefetch.py`). Prefetch changes residency only: outputs
-are unchanged unless a reuse bias prefers the resident experts.
+guesses the experts of the next MoE layer by applying that layer's router (its family's exact
+rule, without the reuse bias) to this layer's MoE input (the hidden state the next router will
+see, less one attention block and one MoE block: "pre-gating") and asks the pool to start
+loading the guesses that are not resident. The loads run on the pool's reader threads while
+layer l's experts and the next attention compute. A wrong guess costs a read and may evict an
+expert that would have hit, so it is off by default and measured with and without
+(`bench/bench_prefetch.py`). Prefetch changes residency only: outputs are unchanged unless a
+reuse bias prefers the resident experts.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from remoe_engine.router import unbiased_ids
 
 EXPERTS_IMPLEMENTATION = "remoe"
 
@@ -174,7 +177,7 @@ def _decode_one_token(experts: nn.Module, state: ExpertsState, hidden_states: to
     if state.next_layer is not None:
         # This layer's own loads were enqueued first; the guesses queue behind them and finish
         # while this layer computes. A failed wait drops this call's pins itself.
-        prefetch_next_layer(state, hidden_states, int(ids.numel()))
+        prefetch_next_layer(state, hidden_states)
         state.pool.wait(state.layer, ids)
     try:
         for column, slot in zip(columns, slots.tolist(), strict=True):
@@ -185,24 +188,19 @@ def _decode_one_token(experts: nn.Module, state: ExpertsState, hidden_states: to
     return out.to(hidden_states.dtype)
 
 
-def prefetch_next_layer(state: ExpertsState, hidden_states: torch.Tensor, top_k: int) -> int:
+def prefetch_next_layer(state: ExpertsState, hidden_states: torch.Tensor) -> int:
     """Start loading the next MoE layer's likely experts (module docstring, "Prefetch").
 
     Args:
         state: this layer's state, with `next_layer` set.
         hidden_states: [1, H], this layer's MoE input.
-        top_k: experts to guess.
 
     Returns:
         Loads started.
     """
     layer, router = state.next_layer
     with torch.no_grad():
-        scores = F.linear(hidden_states, router.weight, getattr(router, "bias", None))  # [1, E]
-        correction = getattr(router, "e_score_correction_bias", None)
-        if correction is not None:  # sigmoid-scored families select on sigmoid + bias
-            scores = scores.float().sigmoid() + correction
-        guess = scores[0].topk(min(top_k, scores.shape[-1])).indices.to("cpu")  # host sync
+        guess = unbiased_ids(router, hidden_states)[0].to("cpu")  # [K]; host sync
     return state.pool.prefetch(layer, guess)
 
 

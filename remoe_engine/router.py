@@ -123,6 +123,19 @@ def _route_with_previous(state: RouterState, logits: torch.Tensor, kwargs: dict)
     return weights.view(T, -1), ids.view(T, -1)
 
 
+def unbiased_ids(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The top-k ids an installed router would choose for `hidden` [..., H] with no reuse bias:
+    the family's exact rule (group limits, correction bias included), without touching the
+    router's state (no agreement counts, no previous ids). Used for prefetch guesses.
+
+    Returns:
+        int64 [T, K] on hidden's device.
+    """
+    spec = router._remoe.spec
+    logits = _router_logits(router, hidden.reshape(-1, hidden.shape[-1]), spec)
+    return route_topk(logits, spec.top_k, **spec.op_kwargs(router))[1]
+
+
 def install(router: nn.Module, state: RouterState) -> None:
     """Swap `router` to the patched subclass in place (reversible with `uninstall`)."""
     router._remoe = state
