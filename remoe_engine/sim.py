@@ -135,11 +135,15 @@ def requests_of(trace: RoutingTrace, scope: str) -> torch.Tensor:
     if scope == "layer":
         return trace.ids
     if scope == "global":
-        L, N, K = trace.ids.shape
-        offset = (torch.arange(L, dtype=torch.int32) * trace.num_experts).view(L, 1, 1)
-        keys = (trace.ids + offset).transpose(0, 1)  # [N, L, K]
-        return keys.reshape(1, N * L, K).contiguous()
+        return _global_keys(trace.ids, trace.num_experts).unsqueeze(0)
     raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def _global_keys(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[L, N, K] expert ids -> [N * L, K] keys layer * E + expert, token-major."""
+    L, N, K = ids.shape
+    offset = (torch.arange(L, dtype=torch.int32) * num_experts).view(L, 1, 1)
+    return (ids + offset).transpose(0, 1).reshape(N * L, K).contiguous()
 
 
 @dataclass
@@ -237,9 +241,9 @@ def _hits_per_layer_token(trace: RoutingTrace, slots: list[int], policy: str, sc
         if scope == "layer":
             hits = _hits(segment.reshape(L * S, length, K), slots, policy).view(C, L, S, length)
         else:
-            offset = (torch.arange(L, dtype=torch.int32) * trace.num_experts).view(L, 1, 1, 1)
-            keys = (segment + offset).permute(1, 2, 0, 3).reshape(S, length * L, K)  # token-major
-            hits = _hits(keys.contiguous(), slots, policy).view(C, S, length, L)
+            # Token-major keys of the S sequences back to back: stream s is rows s*n*L onwards.
+            keys = _global_keys(segment.reshape(L, S * length, K), trace.num_experts)
+            hits = _hits(keys.view(S, length * L, K), slots, policy).view(C, S, length, L)
             hits = hits.permute(0, 3, 1, 2)  # [C, L, S, n]
         out[:, :, tokens] = hits
     return out
