@@ -10,6 +10,11 @@ Providers:
                 (posix_fadvise DONTNEED) before every round, so every miss hits storage.
   miss          one acquire of one non-resident expert (O_DIRECT), next to one raw O_DIRECT
                 pread of the same blob.
+  integrity     the pool (O_DIRECT, 4 threads) with its per-blob CRC32C check on (the default),
+                off, and on with a bf16 -> fp32 conversion into the slots (load(dtype=float32)
+                on a bf16 checkpoint), rounds interleaved (on, off, convert, on, off, ...) so
+                the machine's noise hits all three alike: the check's cost as a fraction of
+                read throughput (target: at most 3%), and what the conversion costs.
   cuda          host tier (pinned) slot loads of every expert vs `dst.copy_(src, non_blocking=True)`
                 of the same bytes into a device buffer of the same size.
 
@@ -195,6 +200,59 @@ def test_pool_reader_throughput(benchmark, packed, direct, threads):
                             threads=threads,
                             gbps=_gbps(stats["bytes_read"], statistics.median(times)),
                             stall_s_last_round=round(stats["stall_s"], 4)))
+
+
+# ------------------------------------------------------------- checksum and conversion cost
+
+
+def test_pool_integrity_and_conversion_cost(benchmark, packed):
+    store, host = packed
+    budget = 2 * BATCH * store.layout.slot_bytes
+    pools = {
+        "verify": SlotPool(store, memory_budget=budget, num_threads=4, o_direct=True),
+        "no_verify": SlotPool(store, memory_budget=budget, num_threads=4, o_direct=True,
+                              verify_checksums=False),
+        # Same slot count as the others: the fp32 slots take twice the bytes.
+        "verify_convert_fp32": SlotPool(store, memory_budget=2 * budget, num_threads=4,
+                                        o_direct=True, dtype=torch.float32),
+    }
+    # Correctness once: the checked and the converted slots hold the right values.
+    for name, pool in pools.items():
+        with pool.pinned(0, range(BATCH)) as slots:
+            for e, s in enumerate(slots.tolist()):
+                want = host.expert_tensors(0, e)
+                got = pool.slot_tensors(s)
+                for t in want:
+                    assert torch.equal(got[t], want[t].to(pool.dtype)), (name, t)
+    times = {name: [] for name in pools}
+
+    def one_round(pool) -> float:
+        pool.reset_stats()
+        t0 = time.perf_counter()
+        for layer in store.layers:
+            for start in range(0, store.num_experts, BATCH):
+                ids = list(range(start, min(start + BATCH, store.num_experts)))
+                pool.acquire(layer, ids)
+                pool.release(layer, ids)
+        return time.perf_counter() - t0
+
+    def run():
+        for name, pool in pools.items():  # interleaved: on, off, convert, on, off, ...
+            _drop_cache(store.source)
+            times[name].append(one_round(pool))
+
+    benchmark.group = "integrity"
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    nbytes = len(store.layers) * store.num_experts * store.layout.slot_bytes
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, pool in pools.items():
+        stats = pool.stats()
+        assert stats["load_failures"] == 0 and stats["bytes_read"] == nbytes
+        _record(benchmark, dict(
+            provider=f"integrity_{name}", mode="direct", threads=4,
+            gbps=_gbps(nbytes, medians[name]),
+            time_vs_no_verify=round(medians[name] / medians["no_verify"], 4),
+            rounds_s=[round(t, 4) for t in times[name]]))
 
 
 # -------------------------------------------------------------------------- one miss latency

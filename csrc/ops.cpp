@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "pool/slot_pool.h"
+#include "transfer/crc32c.h"
 
 // Python imports `remoe_engine._C` only to load this library and run the registrations below;
 // the module has no attributes of its own (ops are reached through torch.ops.remoe).
@@ -45,6 +46,13 @@ TORCH_LIBRARY(remoe, m) {
   // LRU at every capacity from one stack-distance pass per stream: hits [len(capacities), G, R]
   // int32, equal to simulate_cache(requests, capacities, "lru").
   m.def("lru_sweep(Tensor requests, int[] capacities) -> Tensor hits");
+
+  // CRC32C (Castagnoli) of a contiguous CPU uint8 tensor, continuing `crc` (the CRC of earlier
+  // bytes): crc32c(b, crc32c(a)) == crc32c(a ++ b). The packed expert format's checksum; the pool
+  // verifies the same function in its reader threads (csrc/transfer/crc32c.h). Host-only.
+  m.def("crc32c(Tensor data, int crc=0) -> int");
+  // Which CRC32C implementation this CPU runs: "sse4.2", "armv8-crc" or "table".
+  m.def("crc32c_impl() -> str", [] { return std::string(remoe::crc32c_impl()); });
 
   // torch.classes.remoe.SlotPool: the expert slot pool (csrc/pool/slot_pool.h; facade and policy
   // specification in remoe_engine/pool.py).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 # Modules that define `register(subparsers) -> None`; each parser sets `func(args) -> int`.
@@ -26,6 +27,17 @@ _COMMAND_MODULES = [
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+def finite_nonnegative(text: str) -> float:
+    """argparse type for biases and similar: a finite number >= 0 ("nan" and "inf" are not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -129,17 +129,31 @@ def _restore_experts(blocks: list[MoEBlock], store, devices: list[torch.device],
             setattr(block.experts, name, param)
 
 
-def _host_copy(store):
-    """A host-tier copy of a disk-tier store (every expert read once into host memory)."""
-    from remoe_engine.store import ExpertStore
+def _host_copy(store, dtype: torch.dtype, pin_memory: bool):
+    """A host-tier copy of a disk-tier store in `dtype` (every expert read once into host
+    memory; a packed store's blobs are checked against their CRC32C on the way)."""
+    from remoe_engine.store import ExpertStore, SlotLayout, StoreError, blob_checksum
 
     E = store.num_experts
-    blobs = torch.empty(len(store.layers) * E, store.layout.slot_bytes, dtype=torch.uint8,
-                        pin_memory=torch.cuda.is_available())
+    layout = store.layout if dtype == store.layout.dtype else SlotLayout.build(
+        dtype, [(t.name, t.shape) for t in store.layout.tensors])
+    checks = store.blob_checksums()
+    blobs = torch.zeros(len(store.layers) * E, layout.slot_bytes, dtype=torch.uint8,
+                        pin_memory=pin_memory)
     for i, layer in enumerate(store.layers):
         for e in range(E):
-            blobs[i * E + e].copy_(store.read_expert(layer, e))
-    return ExpertStore(layout=store.layout, layers=store.layers, num_experts=E,
+            blob = store.read_expert(layer, e)
+            if checks is not None and blob_checksum(layer, e, blob) != int(checks[i * E + e, 1]):
+                raise StoreError(f"'{store.source}': expert blob (layer {layer}, expert {e}) "
+                                 "fails its CRC32C check: the file is corrupt or was changed "
+                                 "after packing; run `remoe pack` again")
+            if layout is store.layout:
+                blobs[i * E + e].copy_(blob)
+            else:
+                src, dst = store.layout.views(blob), layout.views(blobs[i * E + e])
+                for name, tensor in src.items():
+                    dst[name].copy_(tensor)  # dtype conversion, once per expert
+    return ExpertStore(layout=layout, layers=store.layers, num_experts=E,
                        model_type=store.model_type, source=store.source, host_blobs=blobs)
 
 
@@ -281,7 +295,10 @@ def _parameterless(original: type) -> type:
     def __init__(self, config, *args, **kwargs):
         with torch.device("meta"):
             original.__init__(self, config, *args, **kwargs)
-        for name in [n for n, _ in self.named_parameters(recurse=False)]:
+        # What the store must provide, name -> shape [E, *per-expert shape] (checked in load()).
+        self._remoe_expected_shapes = {n: tuple(p.shape)
+                                       for n, p in self.named_parameters(recurse=False)}
+        for name in list(self._remoe_expected_shapes):
             delattr(self, name)
 
     return type(f"Offloaded{original.__name__}", (original,), {
@@ -309,11 +326,130 @@ def _experts_never_loaded(model_class: type):
         model_class._keys_to_ignore_on_load_unexpected = ignored
 
 
+def _check_store_matches(expert_store, blocks: list[MoEBlock], model_type: str) -> None:
+    """The store holds exactly the experts the model asks for: its MoE layers, expert count,
+    tensor names and per-expert shapes, in a float dtype the slots can hold.
+
+    Raises:
+        StoreError: one line naming the store and the first difference.
+    """
+    from remoe_engine.store import StoreError
+
+    where = f"experts in '{expert_store.source}'"
+    if expert_store.model_type not in (model_type, "?"):
+        raise StoreError(f"{where} are of a '{expert_store.model_type}' model, but the "
+                         f"checkpoint is '{model_type}'")
+    layers = [b.layer_idx for b in blocks]
+    if list(expert_store.layers) != layers:
+        missing = sorted(set(layers) - set(expert_store.layers))
+        extra = sorted(set(expert_store.layers) - set(layers))
+        raise StoreError(
+            f"{where} cover MoE layers {_ranges(expert_store.layers)}, but the model has MoE "
+            f"layers {_ranges(layers)}" + (f" (missing: {_ranges(missing)})" if missing else "")
+            + (f" (not in the model: {_ranges(extra)})" if extra else ""))
+    expected = blocks[0].experts.__dict__.get("_remoe_expected_shapes", {})
+    have = {t.name: t.shape for t in expert_store.layout.tensors}
+    if expected and set(expected) != set(have):
+        raise StoreError(f"{where} hold tensors {sorted(have)}, but the model's experts have "
+                         f"{sorted(expected)}")
+    num_experts = int(blocks[0].experts.num_experts)
+    if expert_store.num_experts != num_experts:
+        raise StoreError(f"{where} have {expert_store.num_experts} experts per layer, but the "
+                         f"model has {num_experts}")
+    for name, shape in expected.items():
+        if tuple(shape[1:]) != tuple(have[name]):
+            raise StoreError(f"{where}: '{name}' is {list(have[name])} per expert, but the model "
+                             f"expects {list(shape[1:])}")
+    if expert_store.layout.dtype not in _SLOT_DTYPES:
+        raise StoreError(f"{where} are {expert_store.layout.dtype}; remoe-engine computes "
+                         f"experts in {', '.join(str(d) for d in _SLOT_DTYPES)}")
+
+
+_SLOT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _ranges(values) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5" for messages about layer lists."""
+    out, values = [], sorted(values)
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+    return "[" + ", ".join(out) + "]"
+
+
+def _detach_from_files(model: nn.Module, files: list[str]) -> int:
+    """Copy every CPU tensor of `model` that is memory-mapped from one of `files` into memory of
+    its own. transformers keeps safetensors weights mmapped when it needs no conversion; a
+    later truncation of the file would then kill the process with SIGBUS on the next access.
+
+    Returns:
+        bytes copied.
+    """
+    mapped = _mapped_ranges({os.path.realpath(f) for f in files})
+    if not mapped:
+        return 0
+    copied = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for tensor in [*module._parameters.values(), *module._buffers.values()]:
+                if tensor is None or tensor.device.type != "cpu" or tensor.is_meta:
+                    continue
+                storage = tensor.untyped_storage()
+                begin = storage.data_ptr()
+                if any(lo <= begin < hi for lo, hi in mapped):
+                    tensor.data = tensor.data.clone()
+                    copied += storage.nbytes()
+    return copied
+
+
+def _mapped_ranges(paths: set[str]) -> list[tuple[int, int]]:
+    """Address ranges [lo, hi) of this process mapped from one of `paths` (Linux); without
+    /proc, every file-backed mapping is assumed possible and nothing is reported."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and os.path.realpath(parts[5].strip()) in paths:
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    ranges.append((lo, hi))
+    except OSError:
+        return []
+    return ranges
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The compute device, checked before anything is loaded."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={str(device)!r} but CUDA is not available here (torch "
+                               f"{torch.__version__}, CUDA build {torch.version.cuda})")
+        from remoe_engine import ops
+
+        if not ops.cuda_kernels_built():
+            raise RuntimeError(f"device={str(device)!r} but this build of remoe_engine has no "
+                               "CUDA kernels: reinstall it with nvcc and a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device={str(device)!r} but only {torch.cuda.device_count()} "
+                               "CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {str(device)!r}")
+    return device
+
+
 def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
          slots_per_layer: int | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | None = None, store: str = "disk", policy: str = "lru",
          reuse_bias: float = 0.0, bias_source: str = "resident", packed: str | None = None,
-         num_threads: int = 4, o_direct: bool = False, prefetch: bool = False,
+         num_threads: int = 4, o_direct: bool | str = "auto", prefetch: bool = False,
          **from_pretrained_kwargs) -> nn.Module:
     """Load a transformers MoE checkpoint without ever materializing its experts.
 
@@ -322,39 +458,61 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
         memory_budget: bytes or "6GiB" for the expert pool (global scope).
         slots_per_layer: expert slots per MoE layer instead of a budget.
         device: where the model and the pool live (default: cuda if available, else cpu).
-        dtype: model dtype (default: the checkpoint's).
+        dtype: model dtype (default: the checkpoint's), float32, bfloat16 or float16. The
+            experts compute in it too: a load into a slot converts once (e.g. float32 on a CPU
+            without fast bf16, where it is several times faster than bf16).
         store: "disk" (read experts from the files on each miss) or "host" (read them all into
             host memory once; pinned on CUDA machines).
         policy, reuse_bias, bias_source, prefetch: as for `patch`.
         packed: a file written by `remoe pack` to read experts from instead of the checkpoint.
         num_threads: reader threads of the pool (concurrent storage reads).
-        o_direct: read the packed file with O_DIRECT, bypassing the page cache.
+        o_direct: read expert files with O_DIRECT, bypassing the page cache: "auto" (default:
+            where the filesystem supports it, else buffered), True (required) or False.
     Returns:
         the transformers model; `model.remoe` is its Handle.
+
+    Raises:
+        StoreError: the expert files are missing, corrupt, not regular files, or do not match
+            the model (layers, experts, tensor names, shapes).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from remoe_engine.store import ExpertStore
 
     _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source, prefetch)
+    if dtype is not None and dtype not in _SLOT_DTYPES:
+        raise ValueError(f"dtype must be one of {_SLOT_DTYPES} or None, got {dtype!r}")
+    if o_direct not in (True, False, "auto"):
+        raise ValueError(f"o_direct must be True, False or 'auto', got {o_direct!r}")
+    if not (isinstance(num_threads, int) and 1 <= num_threads <= 256):
+        raise ValueError(f"num_threads must be an int in [1, 256], got {num_threads!r}")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
+    device = _resolve_device(device)  # before minutes of loading, not after
     config = AutoConfig.from_pretrained(path)
     family_of(config)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # The expert files first: a bad store fails in milliseconds, before from_pretrained reads
+    # gigabytes (and before it could block on a FIFO in place of a shard).
+    expert_store = (ExpertStore.from_packed(packed) if packed is not None
+                    else ExpertStore.from_checkpoint(path))
     model_class = AutoModelForCausalLM._model_mapping[type(config)]
     with _experts_never_loaded(model_class):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
                                                      **from_pretrained_kwargs)
     model.to(device).eval()
+    if device.type == "cpu":
+        # The model must not depend on the checkpoint's bytes after loading (SIGBUS otherwise).
+        checkpoint_files = [os.path.join(path, f) for f in os.listdir(path)
+                            if f.endswith(".safetensors")]
+        _detach_from_files(model, checkpoint_files)
     blocks = _blocks_or_raise(model)
-    expert_store = (ExpertStore.from_packed(packed) if packed is not None
-                    else ExpertStore.from_checkpoint(path))
+    _check_store_matches(expert_store, blocks, family_of(config).model_type)
+    compute_dtype = model.dtype
     if store == "host":
-        expert_store = _host_copy(expert_store)
+        expert_store = _host_copy(expert_store, compute_dtype, pin_memory=device.type == "cuda")
     pool = _make_pool(expert_store, device, slots_per_layer, memory_budget, policy,
-                      num_threads=num_threads, o_direct=o_direct)
+                      num_threads=num_threads, o_direct=o_direct, dtype=compute_dtype)
     handle = Handle(model, blocks, pool, expert_store, reuse_bias, bias_source, _loaded=True,
                     prefetch=prefetch)
     _attach(model, blocks, pool, device, reuse_bias=reuse_bias, bias_source=bias_source,

@@ -6,11 +6,13 @@ registers fake (meta) kernels so `torch.compile(fullgraph=True)` can trace every
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from remoe_engine import _C  # noqa: F401  (loads the library: registers torch.ops.remoe.*)
 
-__all__ = ["route_topk", "cuda_kernels_built"]
+__all__ = ["crc32c", "crc32c_impl", "route_topk", "cuda_kernels_built"]
 
 _route_topk = torch.ops.remoe.route_topk.default
 
@@ -80,6 +82,35 @@ def _check_finite(logits: torch.Tensor) -> None:
             f"route_topk: logits[{token}, {expert}] = {logits[token, expert].item()} "
             "(NaN or +inf): the router produced non-finite scores"
         )
+
+
+def crc32c(data: torch.Tensor | bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """CRC32C (Castagnoli) of bytes, continuing `crc`: crc32c(b, crc32c(a)) == crc32c(a + b).
+
+    The packed expert format's checksum, computed by the same C++ function the pool's reader
+    threads verify with (hardware CRC instructions where the CPU has them).
+
+    Args:
+        data: a contiguous CPU uint8 tensor (any shape), or a bytes-like object.
+        crc: the CRC32C of the bytes before `data` (0 for none).
+
+    Returns:
+        The 32-bit CRC as a non-negative int.
+    """
+    if not isinstance(data, torch.Tensor):
+        view = memoryview(data).cast("B")
+        if not len(view):
+            data = torch.empty(0, dtype=torch.uint8)
+        else:
+            with warnings.catch_warnings():  # read-only bytes: the op only reads them
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.frombuffer(view, dtype=torch.uint8)
+    return torch.ops.remoe.crc32c(data.reshape(-1), crc)
+
+
+def crc32c_impl() -> str:
+    """Which CRC32C implementation this CPU runs: "sse4.2", "armv8-crc" or "table"."""
+    return torch.ops.remoe.crc32c_impl()
 
 
 def cuda_kernels_built() -> bool:

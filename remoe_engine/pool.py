@@ -63,9 +63,11 @@ from contextlib import contextmanager
 import torch
 
 from remoe_engine import ops  # noqa: F401  (loads remoe_engine._C: registers the SlotPool class)
-from remoe_engine.store import ExpertStore
+from remoe_engine.store import ExpertStore, SlotLayout
 
 __all__ = ["COUNTERS", "SlotPool", "parse_bytes"]
+
+_DIRECT_IO = {True: "on", False: "off", "auto": "auto"}
 
 # Column order of the C++ stats() rows (enum Counter in csrc/pool/slot_pool.h).
 COUNTERS = ("hits", "misses", "evictions", "prefetches", "prefetch_hits", "bytes_read",
@@ -80,7 +82,11 @@ IdsLike = torch.Tensor | Sequence[int]
 
 def parse_bytes(size: int | str) -> int:
     """Bytes from an int or a string like "6GiB", "512 MB", "1.5gb" (decimal and binary units)."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"a byte size must be an int or a string like '6GiB', got {size!r}")
     if isinstance(size, int):
+        if size < 0:
+            raise ValueError(f"a byte size must be >= 0, got {size}")
         return size
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
     if not m or m[2].lower() not in _UNITS:
@@ -100,13 +106,21 @@ class SlotPool:
         policy: "lru" or "lfu".
         num_threads: reader threads (concurrent storage reads; also CUDA staging buffers, each
             `slot_bytes` of pinned host memory, which is not counted in the device budget).
-        o_direct: read packed files with O_DIRECT (bypasses the page cache; needs a filesystem
-            that supports it). Unaligned ranges (safetensors) always use buffered reads.
+        o_direct: read files with O_DIRECT, bypassing the page cache: True (an error where the
+            filesystem refuses it), False (buffered reads), or "auto" (O_DIRECT where supported,
+            buffered elsewhere, e.g. tmpfs). Unaligned ranges (safetensors tensors) are read as
+            their 4 KiB-aligned superset into a per-reader bounce buffer; adjacent tensors of one
+            expert become one read. Buffered reads have readahead off (POSIX_FADV_RANDOM).
+        dtype: the slots' dtype, the dtype the experts compute in (default: the store's). When
+            it differs from the store's, each load converts once, in the reader thread.
+        verify_checksums: check every blob of a packed store against its CRC32C in the reader
+            thread before it reaches a slot. Only benchmarks turn it off, to measure its cost.
     """
 
     def __init__(self, store: ExpertStore, device: str | torch.device = "cpu", *,
                  slots_per_layer: int | None = None, memory_budget: int | str | None = None,
-                 policy: str = "lru", num_threads: int = 4, o_direct: bool = False):
+                 policy: str = "lru", num_threads: int = 4, o_direct: bool | str = "auto",
+                 dtype: torch.dtype | None = None, verify_checksums: bool = True):
         if (slots_per_layer is None) == (memory_budget is None):
             raise ValueError("SlotPool: pass exactly one of slots_per_layer (per-layer scope) or "
                              f"memory_budget (global), got {slots_per_layer=}, {memory_budget=}")
@@ -117,29 +131,60 @@ class SlotPool:
         self.device = device
         self.policy = policy
         self.slots_per_layer = slots_per_layer  # None: global scope
-        num_layers, slot_bytes = len(store.layers), store.layout.slot_bytes
+        direct_io = _DIRECT_IO.get(o_direct) if isinstance(o_direct, (bool, str)) else None
+        if direct_io is None:
+            raise ValueError(f"SlotPool: o_direct must be True, False or 'auto', got {o_direct!r}")
+        dtype = dtype or store.layout.dtype
+        if dtype != store.layout.dtype and store.tier == "host":
+            raise ValueError(f"SlotPool: the host tier holds {store.layout.dtype} blobs; convert "
+                             f"the store (remoe_engine.offload) instead of asking for {dtype}")
+        # The slots' layout: the store's, or the same tensors in the compute dtype.
+        self.layout = store.layout if dtype == store.layout.dtype else SlotLayout.build(
+            dtype, [(t.name, t.shape) for t in store.layout.tensors])
+        num_layers, slot_bytes = len(store.layers), self.layout.slot_bytes
+        every_expert = num_layers * store.num_experts
         if slots_per_layer is not None:
-            if slots_per_layer < 1:
+            if not 1 <= slots_per_layer:
                 raise ValueError(f"SlotPool: slots_per_layer must be >= 1, got {slots_per_layer}")
+            # More slots than experts can never be used.
+            slots_per_layer = min(slots_per_layer, store.num_experts)
+            self.slots_per_layer = slots_per_layer
             num_slots = slots_per_layer * num_layers
         else:
             budget = parse_bytes(memory_budget)
-            num_slots = budget // slot_bytes
+            # A budget beyond every expert buys nothing: allocate only what can be used.
+            num_slots = min(budget // slot_bytes, every_expert)
             if num_slots < 1:
                 raise ValueError(f"SlotPool: memory_budget {budget} bytes is less than one "
                                  f"{slot_bytes}-byte expert slot")
-        self._pool = torch.classes.remoe.SlotPool(
-            num_layers, store.num_experts, slot_bytes, num_slots, slots_per_layer or 0, policy,
-            str(device), num_threads, o_direct)
+        try:
+            self._pool = torch.classes.remoe.SlotPool(
+                num_layers, store.num_experts, slot_bytes, num_slots, slots_per_layer or 0,
+                policy, str(device), num_threads, direct_io)
+        except RuntimeError as error:
+            if "allocate" not in str(error) and "bad_alloc" not in str(error):
+                raise
+            raise MemoryError(f"SlotPool: cannot allocate {num_slots} slots of {slot_bytes} bytes "
+                              f"({num_slots * slot_bytes / 2**30:.2f} GiB) on {device}: lower "
+                              "memory_budget or slots_per_layer") from None
+        self._pool.set_layer_ids(list(store.layers))
         if store.tier == "host":
             self._pool.set_host_sources(store.host_blobs)
         else:
+            if self.layout is not store.layout:
+                self._pool.set_conversion(_dtype_name(store.layout.dtype), _dtype_name(dtype),
+                                          _conversion_plan(store.layout, self.layout),
+                                          store.layout.slot_bytes)
             files, table, labels = store.source_table()
             for path in files:
                 self._pool.add_file(path)
             self._pool.set_file_sources(table, labels)
+            checks = store.blob_checksums() if hasattr(store, "blob_checksums") else None
+            if checks is not None:
+                self._pool.set_checksums(checks)
+        self._pool.set_verify(bool(verify_checksums))
         # name -> [num_slots, *shape] views of the slot buffer (no copies).
-        self.weights: dict[str, torch.Tensor] = store.layout.views(self._pool.buffer())
+        self.weights: dict[str, torch.Tensor] = self.layout.views(self._pool.buffer())
 
     def __repr__(self) -> str:
         scope = (f"{self.scope_slots} slots/layer" if self.slots_per_layer
@@ -148,6 +193,18 @@ class SlotPool:
                 f"{self.allocated_bytes / 2**20:.1f} MiB on {self.device}, {self.store.tier} tier)")
 
     # --- sizes --------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The slots' dtype (the experts' compute dtype)."""
+        return self.layout.dtype
+
+    @property
+    def direct_io(self) -> dict[str, bool]:
+        """Per file of the disk tier: whether it is read with O_DIRECT (empty for the host tier)."""
+        if self.store.tier != "disk":
+            return {}
+        return dict(zip(self.store.files, self._pool.direct_files(), strict=True))
 
     @property
     def num_slots(self) -> int:
@@ -286,6 +343,17 @@ class SlotPool:
 
     def reset_stats(self) -> None:
         self._pool.reset_stats()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _conversion_plan(src: SlotLayout, dst: SlotLayout) -> torch.Tensor:
+    """int64 [n, 3] rows (src_offset, dst_offset, numel): each tensor from `src` into `dst`."""
+    rows = [(t.offset, dst.tensor(t.name).offset, t.nbytes // src.dtype.itemsize)
+            for t in src.tensors]
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 def _ids(ids: IdsLike) -> torch.Tensor:

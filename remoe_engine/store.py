@@ -2,9 +2,11 @@
 
 Three tiers feed the slot pool (`remoe_engine.pool`):
 
-- a Hugging Face checkpoint directory (`ExpertStore.from_checkpoint`): one or many safetensors
-  shards, with or without `model.safetensors.index.json`. Only the headers are read, to get each
-  expert tensor's byte range; the pool then reads those ranges straight from the files.
+- a Hugging Face checkpoint directory (`ExpertStore.from_checkpoint`): the safetensors files
+  transformers' `from_pretrained` would load (`model.safetensors`, or the shards named by
+  `model.safetensors.index.json`; other .safetensors files there are not part of the model). Only
+  the headers are read, to get each expert tensor's byte range; the pool then reads those ranges
+  straight from the files. Headers are held to the safetensors library's own rules.
 - a packed file (`ExpertStore.from_packed`, written by `ExpertStore.pack` / `remoe pack`):
   expert-major, each expert one 4 KiB-aligned blob in slot layout, so a miss is one read (and can
   use O_DIRECT).
@@ -21,26 +23,42 @@ parameters for that expert, in its in-memory orientation, each at a 256-byte-ali
 The bytes of each tensor equal transformers' `experts.<name>[e]` exactly, so the expert
 computation views a slot as tensors without a copy (`SlotLayout.views`).
 
-Packed file format, version 1 (all integers little-endian):
+Packed file format, version 2 (all integers little-endian):
 
     [0, 8)            magic b"REMOEPAK"
-    [8, 12)           u32 format version
+    [8, 12)           u32 format version (2)
     [12, 16)          u32 n: byte length of the JSON header
-    [16, 16 + n)      JSON: model_type, layers, num_experts, dtype, tensors (name, shape, offset,
-                      nbytes), slot_bytes, data_offset, crc32 (hex string per blob), source
+    [16, 20)          u32 CRC32C of the n JSON bytes
+    [20, 20 + n)      JSON (UTF-8): format, version, model_type, layers (transformers layer
+                      indices, strictly ascending), num_experts, dtype, tensors (name, shape,
+                      offset, nbytes), slot_bytes, data_offset, source, crc32c (one checksum per
+                      blob, in blob order, each 8 lowercase hex digits)
     [.., data_offset) zero padding; data_offset is a multiple of 4096
     blob (i, e)       at data_offset + (i * num_experts + e) * slot_bytes, i = position of the
                       layer in `layers`; slot_bytes is a multiple of 4096, padding is zero
+    end of file       right after the last blob
+
+The checksum of blob (layer, e) is keyed by the blob's identity: CRC32C (Castagnoli) over 16 bytes
+(int64 transformers layer index `layer`, then int64 expert id `e`) followed by the blob's
+slot_bytes bytes (`blob_checksum`; `blob_seed` is the CRC32C of the 16 key bytes alone, which the
+blob's bytes continue). A header that relabels blobs, or blobs moved within the file, fail it.
+
+Version 1 (a 16-byte prefix without the header checksum; unkeyed zlib CRC-32 per blob, field
+`crc32`) was written by earlier remoe-engines and is refused: re-run `remoe pack`.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import itertools
 import json
 import math
 import os
 import re
+import stat
 import struct
-import zlib
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,16 +70,29 @@ from remoe_engine import families
 
 __all__ = [
     "ALIGN", "ExpertStore", "PACK_MAGIC", "PACK_VERSION", "Segment", "SlotLayout", "SlotTensor",
-    "StoreError", "TensorInfo", "read_safetensors_header",
+    "StoreError", "TensorInfo", "blob_checksum", "blob_seed", "read_safetensors_header",
 ]
 
 ALIGN = 4096  # blob and slot alignment: the O_DIRECT block size (csrc/transfer/reader.h)
 TENSOR_ALIGN = 256  # tensor offsets inside a slot: enough for any vectorized load
 PACK_MAGIC = b"REMOEPAK"
-PACK_VERSION = 1
-_PREFIX = struct.Struct("<8sII")  # magic, version, JSON length
+PACK_VERSION = 2
+_PREFIX = struct.Struct("<8sIII")  # magic, version, JSON length, CRC32C of the JSON
+_MAGIC_VERSION = struct.Struct("<8sI")  # what every version starts with
+_BLOB_KEY = struct.Struct("<qq")  # transformers layer index, expert id: what a blob checksum keys
+_MAX_PACKED_HEADER = 100_000_000  # bytes; far above any real header (DeepSeek-V3: ~0.2 MB)
+_CRC_HEX = re.compile(r"[0-9a-f]{8}")
 
-# safetensors dtype names -> torch dtypes.
+# safetensors' rules (safetensors/src/tensor.rs): a header is at most MAX_HEADER_SIZE bytes, and
+# every dtype it knows has this many bits per element (Dtype::bitsize).
+_ST_MAX_HEADER = 100_000_000
+_ST_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+
+# safetensors dtype names -> torch dtypes: the ones remoe-engine reads experts in.
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
@@ -82,6 +113,112 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _is_count(x: object) -> bool:
+    """A JSON non-negative integer (not a bool, not a float such as 2.0)."""
+    return type(x) is int and x >= 0
+
+
+def _short(x: object, limit: int = 80) -> str:
+    """repr for an error message: one line, bounded."""
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- checksums -----------------------------------------------------------------------------------
+
+
+def _crc32c(data: bytes | torch.Tensor, crc: int = 0) -> int:
+    """CRC32C of bytes or a 1-D CPU uint8 tensor, continuing `crc`."""
+    # Imported here: the store stays importable before the compiled extension is loaded.
+    from remoe_engine import ops
+
+    if not isinstance(data, torch.Tensor):
+        if not data:
+            return crc
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return ops.crc32c(data, crc)
+
+
+def blob_seed(layer: int, expert: int) -> int:
+    """CRC32C of a blob's 16-byte key: int64 LE transformers layer index, int64 LE expert id.
+
+    Returns:
+        The u32 CRC32C from which `blob_checksum` continues over the blob's bytes.
+    """
+    return _crc32c(_BLOB_KEY.pack(layer, expert))
+
+
+def blob_checksum(layer: int, expert: int, blob: torch.Tensor) -> int:
+    """The packed format's checksum of one expert blob, keyed by the blob's identity.
+
+    Args:
+        layer: transformers layer index.
+        expert: expert id.
+        blob: uint8 [slot_bytes], contiguous, on the CPU.
+
+    Returns:
+        u32 CRC32C over the key (`blob_seed`) followed by the blob's bytes.
+    """
+    return _crc32c(blob, blob_seed(layer, expert))
+
+
+# --- reading files -------------------------------------------------------------------------------
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _open_regular(path: str | os.PathLike) -> tuple[int, int]:
+    """Open a file for reading, refusing anything but a regular file before reading a byte.
+
+    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer forever (it
+    changes nothing for a regular file); checking fstat of the opened descriptor, not a stat of
+    the path, leaves no window in which the path can be swapped between the check and the read.
+
+    Returns:
+        (fd, size in bytes); the caller closes fd.
+
+    Raises:
+        FileNotFoundError: the path does not exist (the caller says what was expected there).
+        StoreError: naming the path: not a regular file, or it cannot be opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise StoreError(f"cannot open '{path}': {error.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "something")
+        raise StoreError(f"'{path}' is {kind}, not a regular file")
+    return fd, st.st_size
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """Up to n bytes at offset: fewer only at the end of the file."""
+    chunks = []
+    while n > 0:
+        chunk = os.pread(fd, min(n, 1 << 30), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_file(path: str | os.PathLike) -> bytes:
+    """A whole regular file (config.json, an index); FileNotFoundError or StoreError."""
+    fd, size = _open_regular(path)
+    try:
+        return _pread(fd, size, 0)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of a safetensors file, from its header."""
@@ -97,6 +234,16 @@ class TensorInfo:
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     """Parse a safetensors header (8-byte little-endian length, then JSON) into byte ranges.
 
+    Holds the file to the safetensors library's own rules (`SafeTensors::read_metadata` and
+    `Metadata::validate` in safetensors/src/tensor.rs), which transformers relies on: a header of
+    at most 100,000,000 bytes of UTF-8 JSON; `__metadata__`, if present, maps strings to strings;
+    every other entry has a known `dtype` string, a `shape` of non-negative integers and
+    `data_offsets` of exactly two non-negative integers whose difference is the tensor's size;
+    sorted by offsets, the tensors tile the data section (everything after the header) exactly:
+    the first begins at 0, each begins where the one before ends, the last ends at the end of the
+    file. A file the safetensors library would refuse is refused here too, so an overlapping,
+    misplaced or truncated tensor never becomes an expert.
+
     Args:
         path: a .safetensors file.
 
@@ -104,53 +251,90 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         key -> TensorInfo with absolute offsets, for every tensor of the file.
 
     Raises:
-        StoreError: naming the file (and tensor) when the file is missing, truncated or its header
-            is corrupt or inconsistent with the file size.
+        StoreError: naming the file (and tensor) when the file is missing, not a regular file,
+            truncated, or its header is corrupt or breaks a rule above.
     """
     path = str(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise StoreError(f"'{path}' is truncated: {size} bytes, not even a safetensors "
-                                 "header length")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > size - 8 or n > 100 << 20:
-                raise StoreError(f"'{path}' is truncated or not a safetensors file: header length "
-                                 f"{n} but the file has {size} bytes")
-            raw = f.read(n)
+        fd, size = _open_regular(path)
     except FileNotFoundError:
         raise StoreError(f"safetensors file '{path}' does not exist") from None
     try:
-        header = json.loads(raw)
+        prefix = _pread(fd, 8, 0)
+        if len(prefix) < 8:
+            raise StoreError(f"'{path}' is truncated: {size} bytes, not even a safetensors "
+                             "header length")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > size - 8 or n > _ST_MAX_HEADER:
+            raise StoreError(f"'{path}' is truncated or not a safetensors file: header length "
+                             f"{n} but the file has {size} bytes (and the limit is "
+                             f"{_ST_MAX_HEADER})")
+        raw = _pread(fd, n, 8)
+    finally:
+        os.close(fd)
+    try:
+        header = json.loads(raw.decode("utf-8"))  # UTF-8 only, as safetensors (json sniffs UTF-16)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise StoreError(f"'{path}' has a corrupt safetensors header: {error}") from None
     if not isinstance(header, dict):
         raise StoreError(f"'{path}' has a corrupt safetensors header: not a JSON object")
-    data_start = 8 + n
-    out = {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise StoreError(f"'{path}': __metadata__ must map strings to strings, not "
+                         f"{_short(metadata)}")
+    spans = []  # (begin, end, key), data section offsets
     for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape = entry["dtype"], tuple(entry["shape"])
-            begin, end = entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise StoreError(f"'{path}': corrupt header entry for tensor '{key}': "
-                             f"{entry!r}") from None
-        if dtype not in _ST_DTYPES:
-            raise StoreError(f"'{path}': tensor '{key}' has dtype {dtype}, which remoe-engine does "
-                             f"not read (known: {', '.join(_ST_DTYPES)})")
-        itemsize = _ST_DTYPES[dtype].itemsize
-        if end - begin != math.prod(shape) * itemsize or begin < 0:
-            raise StoreError(f"'{path}': tensor '{key}' spans bytes {begin}..{end} but shape "
-                             f"{list(shape)} of {dtype} needs {math.prod(shape) * itemsize}")
-        if data_start + end > size:
-            raise StoreError(f"'{path}' is truncated: tensor '{key}' ends at byte "
-                             f"{data_start + end} but the file has {size} bytes")
-        out[key] = TensorInfo(key, path, data_start + begin, end - begin, dtype, shape)
-    return out
+        where = f"'{path}': tensor '{key}'"
+        if not isinstance(entry, dict):
+            raise StoreError(f"{where}: {_short(entry)} is not an object")
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in entry:
+                raise StoreError(f"{where}: no {field} (entry {_short(entry)})")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            raise StoreError(f"{where}: dtype {_short(dtype)} is not a string")
+        if dtype not in _ST_BITS:
+            raise StoreError(f"{where}: unknown dtype {_short(dtype)} (safetensors knows "
+                             f"{', '.join(_ST_BITS)})")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise StoreError(f"{where}: shape {_short(shape)} is not a list of non-negative "
+                             "integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(_is_count(o) for o in offsets)):
+            raise StoreError(f"{where}: data_offsets {_short(offsets)} is not a list of two "
+                             "non-negative integers")
+        begin, end = offsets
+        if end < begin:
+            raise StoreError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
+        count = math.prod(shape)
+        if count * _ST_BITS[dtype] % 8:
+            raise StoreError(f"{where}: {count} {dtype} elements do not end on a byte boundary")
+        if end - begin != count * _ST_BITS[dtype] // 8:
+            raise StoreError(f"{where} spans data bytes {begin}..{end} but shape {shape} of "
+                             f"{dtype} needs {count * _ST_BITS[dtype] // 8}")
+        spans.append((begin, end, key))
+    data_start = 8 + n
+    at, last = 0, None  # the tiling so far ends at data byte `at`, with tensor `last`
+    for begin, end, key in sorted(spans):
+        if begin < at:
+            prev = header[last]["data_offsets"]
+            raise StoreError(f"'{path}': tensors '{last}' (data bytes {prev[0]}..{prev[1]}) and "
+                             f"'{key}' (data bytes {begin}..{end}) overlap")
+        if begin > at:
+            between = f"between '{last}' and '{key}'" if last is not None else f"before '{key}'"
+            raise StoreError(f"'{path}': data bytes {at}..{begin} belong to no tensor "
+                             f"({between})")
+        at, last = end, key
+    if data_start + at > size:
+        raise StoreError(f"'{path}' is truncated: tensor '{last}' ends at byte "
+                         f"{data_start + at} but the file has {size} bytes")
+    if data_start + at < size:
+        after = f"after '{last}'" if last is not None else "the header lists no tensor"
+        raise StoreError(f"'{path}': data bytes {at}..{size - data_start} belong to no tensor "
+                         f"({after})")
+    return {key: TensorInfo(key, path, data_start + begin, end - begin, header[key]["dtype"],
+                            tuple(header[key]["shape"])) for begin, end, key in spans}
 
 
 @dataclass(frozen=True)
@@ -233,18 +417,33 @@ class SlotLayout:
 
     @classmethod
     def from_json(cls, d: dict) -> SlotLayout:
-        dtype = getattr(torch, d["dtype"])
-        tensors = tuple(SlotTensor(t["name"], tuple(t["shape"]), t["offset"], t["nbytes"])
-                        for t in d["tensors"])
-        layout = cls(dtype, tensors, d["slot_bytes"])
-        for t in tensors:
-            if (t.offset % TENSOR_ALIGN or t.offset + t.nbytes > layout.slot_bytes
-                    or t.nbytes != math.prod(t.shape) * dtype.itemsize):
-                raise ValueError(f"tensor {t.name!r} at {t.offset}+{t.nbytes} does not fit a "
-                                 f"{layout.slot_bytes}-byte slot of {dtype}")
-        if layout.slot_bytes % ALIGN:
-            raise ValueError(f"slot_bytes {layout.slot_bytes} is not a multiple of {ALIGN}")
-        return layout
+        """The layout a packed header describes; ValueError naming the first inconsistency."""
+        dtype = getattr(torch, d["dtype"], None) if isinstance(d["dtype"], str) else None
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype {_short(d['dtype'])} is not a torch dtype")
+        slot_bytes = d["slot_bytes"]
+        if not _is_count(slot_bytes) or slot_bytes == 0 or slot_bytes % ALIGN:
+            raise ValueError(f"slot_bytes {_short(slot_bytes)} is not a multiple of {ALIGN}")
+        if not isinstance(d["tensors"], list) or not d["tensors"]:
+            raise ValueError(f"tensors {_short(d['tensors'])} is not a non-empty list")
+        tensors, end = [], 0
+        for t in d["tensors"]:
+            if not (isinstance(t, dict) and isinstance(t.get("name"), str)
+                    and isinstance(t.get("shape"), list) and all(map(_is_count, t["shape"]))
+                    and _is_count(t.get("offset")) and _is_count(t.get("nbytes"))):
+                raise ValueError(f"tensor {_short(t)} is not {{name, shape, offset, nbytes}}")
+            tensor = SlotTensor(t["name"], tuple(t["shape"]), t["offset"], t["nbytes"])
+            if (tensor.offset % TENSOR_ALIGN or tensor.offset < end
+                    or tensor.offset + tensor.nbytes > slot_bytes
+                    or tensor.nbytes != math.prod(tensor.shape) * dtype.itemsize):
+                raise ValueError(f"tensor {tensor.name!r} at {tensor.offset}+{tensor.nbytes} does "
+                                 f"not fit a {slot_bytes}-byte slot of {dtype} after the tensors "
+                                 "before it")
+            tensors.append(tensor)
+            end = tensor.offset + tensor.nbytes
+        if len({t.name for t in tensors}) != len(tensors):
+            raise ValueError(f"tensor names repeat: {[t.name for t in tensors]}")
+        return cls(dtype, tuple(tensors), slot_bytes)
 
 
 @dataclass(frozen=True)
@@ -273,12 +472,14 @@ class ExpertStore:
         tier: "disk" (byte ranges of files) or "host" (`host_blobs`).
         host_blobs: uint8 [len(layers) * num_experts, slot_bytes] for the host tier, else None.
         source: the checkpoint directory, packed file or "model".
+
+    A packed store also carries each blob's checksum (`blob_checksums`, `verify`).
     """
 
     def __init__(self, *, layout: SlotLayout, layers: Sequence[int], num_experts: int,
                  model_type: str, source: str,
                  segments: dict[tuple[int, int], list[Segment]] | None = None,
-                 host_blobs: torch.Tensor | None = None, crc32: Sequence[int] | None = None):
+                 host_blobs: torch.Tensor | None = None, crc32c: Sequence[int] | None = None):
         if (segments is None) == (host_blobs is None):
             raise ValueError("ExpertStore needs exactly one of segments (disk) or host_blobs")
         self.layout = layout
@@ -289,7 +490,8 @@ class ExpertStore:
         self.tier = "host" if host_blobs is not None else "disk"
         self.host_blobs = host_blobs
         self._segments = segments or {}
-        self._crc32 = list(crc32) if crc32 is not None else None
+        self._crc32c = list(crc32c) if crc32c is not None else None  # expected, blob order
+        self._checksums: torch.Tensor | None = None  # blob_checksums(), built on first use
         self._layer_pos = {layer: i for i, layer in enumerate(self.layers)}
         self._fds: dict[str, int] = {}
 
@@ -355,8 +557,16 @@ class ExpertStore:
         for s in self._segments[(layer, expert)]:
             fd = self._fds.get(s.file)
             if fd is None:
-                fd = self._fds[s.file] = os.open(s.file, os.O_RDONLY | os.O_CLOEXEC)
-            got = os.preadv(fd, [view[s.slot_offset : s.slot_offset + s.nbytes]], s.offset)
+                try:
+                    fd, _ = _open_regular(s.file)
+                except FileNotFoundError:
+                    raise StoreError(f"'{s.file}' no longer exists: it held '{s.what}'") from None
+                self._fds[s.file] = fd
+            try:
+                got = os.preadv(fd, [view[s.slot_offset : s.slot_offset + s.nbytes]], s.offset)
+            except OSError as error:
+                raise StoreError(f"cannot read '{s.what}' from '{s.file}': "
+                                 f"{error.strerror}") from None
             if got != s.nbytes:
                 raise StoreError(f"'{s.file}' is truncated: '{s.what}' needs bytes "
                                  f"{s.offset}..{s.offset + s.nbytes}, got {got} of {s.nbytes}")
@@ -379,25 +589,32 @@ class ExpertStore:
         """Index a safetensors checkpoint's routed experts by reading headers only.
 
         Args:
-            path: checkpoint directory (config.json + one or many .safetensors, with or without
-                model.safetensors.index.json), or one .safetensors file inside it.
+            path: checkpoint directory (config.json and the safetensors files transformers'
+                `from_pretrained` loads: model.safetensors, or the shards that
+                model.safetensors.index.json names), or one .safetensors file inside it.
             model_type: overrides config.json's model_type (picks the on-disk layout).
 
         Returns:
             A disk-tier store.
 
         Raises:
-            StoreError: naming the file and tensor: missing shard, truncated or corrupt header,
-                missing expert tensor, dtype or shape mismatch between experts.
+            StoreError: naming the file and tensor: no weights file, missing shard, a file that is
+                not a regular file, truncated or corrupt header, a tensor in two shards, missing
+                expert tensor, dtype or shape mismatch between experts.
         """
         path = Path(path)
-        directory = path.parent if path.is_file() else path
-        if not directory.is_dir():
-            raise StoreError(f"checkpoint directory '{directory}' does not exist")
-        config = _read_text_config(directory, required=model_type is None)
+        if path.is_dir():
+            directory, only = path, None
+        elif os.path.lexists(path):  # a file (or a FIFO, ...: refused when it is opened)
+            directory, only = path.parent, path
+        else:
+            raise StoreError(f"checkpoint directory '{path}' does not exist")
+        full_config = _read_config(directory, required=model_type is None)
+        config = _text_config(directory, full_config, required=model_type is None)
         model_type = model_type or config["model_type"]
         layout_spec = families.disk_layout_of(model_type)
-        tensors = _checkpoint_tensors(directory, only=path if path.is_file() else None)
+        tensors = (read_safetensors_header(only) if only is not None
+                   else _checkpoint_tensors(directory, full_config))
         # Layers past num_hidden_layers are not part of the model transformers builds (DeepSeek-V3
         # keeps its multi-token-prediction layer 61 on disk): never index them.
         layout, layers, num_experts, segments = _index_experts(
@@ -407,39 +624,72 @@ class ExpertStore:
 
     @classmethod
     def from_packed(cls, path: str | os.PathLike) -> ExpertStore:
-        """Open a packed expert file (written by `pack` / `remoe pack`).
+        """Open a packed expert file (written by `pack` / `remoe pack`; format in the module
+        docstring). Reads the header only; `verify` (or the pool, per read) checks the blobs.
 
         Raises:
-            StoreError: naming the file: not a packed file, newer format version, corrupt header,
-                truncated (naming the first missing expert blob).
+            StoreError: naming the file: not a regular file, not a packed file, another format
+                version, truncated, a header that fails its checksum or is inconsistent, bytes
+                after the last blob.
         """
         path = str(path)
         try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                prefix = f.read(_PREFIX.size)
-                magic, version, n = (_PREFIX.unpack(prefix) if len(prefix) == _PREFIX.size
-                                     else (prefix, 0, 0))
-                if magic != PACK_MAGIC:
-                    raise StoreError(f"'{path}' is not a remoe packed expert file (it starts with "
-                                     f"{prefix[:8]!r}, expected {PACK_MAGIC!r})")
-                if version > PACK_VERSION:
-                    raise StoreError(f"'{path}' has packed format version {version}; this "
-                                     f"remoe-engine reads up to {PACK_VERSION}: upgrade it")
-                raw = f.read(n)
+            fd, size = _open_regular(path)
         except FileNotFoundError:
             raise StoreError(f"packed expert file '{path}' does not exist") from None
         try:
-            header = json.loads(raw)
+            prefix = _pread(fd, _PREFIX.size, 0)
+            magic = prefix[: len(PACK_MAGIC)]
+            if magic != PACK_MAGIC[: len(magic)]:
+                raise StoreError(f"'{path}' is not a remoe packed expert file (it starts with "
+                                 f"{magic!r}, expected {PACK_MAGIC!r})")
+            if len(prefix) >= _MAGIC_VERSION.size:  # every version has one; check it first
+                _check_version(path, _MAGIC_VERSION.unpack_from(prefix)[1])
+            if len(prefix) < _PREFIX.size:
+                raise StoreError(f"'{path}' is truncated: {size} bytes, less than the "
+                                 f"{_PREFIX.size}-byte prefix of a packed file")
+            _, _, n, header_crc = _PREFIX.unpack(prefix)
+            if _PREFIX.size + n > size or n > _MAX_PACKED_HEADER:
+                raise StoreError(f"'{path}' is truncated: {size} bytes, but its prefix announces "
+                                 f"a {n}-byte header ending at byte {_PREFIX.size + n}")
+            raw = _pread(fd, n, _PREFIX.size)
+        finally:
+            os.close(fd)
+        if (crc := _crc32c(raw)) != header_crc:
+            raise StoreError(f"'{path}' has a corrupt header: its CRC32C is {crc:08x}, the prefix "
+                             f"says {header_crc:08x}")
+        try:
+            header = json.loads(raw.decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError("not a JSON object")
             layout = SlotLayout.from_json(header)
-            layers, num_experts = header["layers"], int(header["num_experts"])
-            data_offset, crc32 = int(header["data_offset"]), header["crc32"]
-            if data_offset % ALIGN or data_offset < _PREFIX.size + n:
-                raise ValueError(f"data_offset {data_offset} is not a multiple of {ALIGN} past "
-                                 "the header")
-            if len(crc32) != len(layers) * num_experts:
-                raise ValueError(f"{len(crc32)} checksums for {len(layers)} x {num_experts} blobs")
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            layers, num_experts = header["layers"], header["num_experts"]
+            if not (isinstance(layers, list) and layers and all(map(_is_count, layers))
+                    and all(a < b for a, b in itertools.pairwise(layers))):
+                raise ValueError(f"layers {_short(layers)} must be distinct ascending "
+                                 "non-negative integers")
+            if not _is_count(num_experts) or num_experts == 0:
+                raise ValueError(f"num_experts must be a positive integer, not "
+                                 f"{_short(num_experts)}")
+            data_offset = header["data_offset"]
+            if not _is_count(data_offset) or data_offset % ALIGN or (
+                    data_offset < _PREFIX.size + n):
+                raise ValueError(f"data_offset {_short(data_offset)} is not a multiple of {ALIGN} "
+                                 "past the header")
+            if "crc32c" not in header:
+                raise ValueError("no 'crc32c' field (per-blob checksums)")
+            crcs = header["crc32c"]
+            if not isinstance(crcs, list):
+                raise ValueError("crc32c is not a list")
+            if len(crcs) != len(layers) * num_experts:
+                raise ValueError(f"{len(crcs)} CRC32C checksums for {len(layers)} x "
+                                 f"{num_experts} expert blobs")
+            for i, c in enumerate(crcs):
+                if not (isinstance(c, str) and _CRC_HEX.fullmatch(c)):
+                    raise ValueError(f"crc32c[{i}] is {_short(c)}, not 8 hex digits")
+        except KeyError as error:
+            raise StoreError(f"'{path}' has a corrupt header: no {error} field") from None
+        except (UnicodeDecodeError, ValueError, TypeError) as error:
             raise StoreError(f"'{path}' has a corrupt header: {error}") from None
         expected = data_offset + len(layers) * num_experts * layout.slot_bytes
         if size < expected:
@@ -448,6 +698,9 @@ class ExpertStore:
                 f"'{path}' is truncated: {size} bytes, its header describes {expected}; expert "
                 f"blob (layer {layers[first // num_experts]}, expert {first % num_experts}) and "
                 "all after it are missing or incomplete")
+        if size > expected:
+            raise StoreError(f"'{path}' has {size - expected} bytes after its last expert blob "
+                             f"(its header describes {expected}): not a file remoe pack wrote")
         segments = {}
         for i, layer in enumerate(layers):
             for e in range(num_experts):
@@ -455,8 +708,8 @@ class ExpertStore:
                 segments[(layer, e)] = [Segment(path, offset, layout.slot_bytes, 0,
                                                 f"expert blob (layer {layer}, expert {e})")]
         return cls(layout=layout, layers=layers, num_experts=num_experts,
-                   model_type=header.get("model_type", "?"), source=path, segments=segments,
-                   crc32=[int(c, 16) for c in crc32])
+                   model_type=str(header.get("model_type", "?")), source=path, segments=segments,
+                   crc32c=[int(c, 16) for c in crcs])
 
     @classmethod
     def from_model(cls, model: nn.Module, *, pin_memory: bool | None = None, take: bool = False
@@ -516,8 +769,10 @@ class ExpertStore:
     def pack(self, out: str | os.PathLike, *, progress: bool = True) -> Path:
         """Write this store as a packed expert file (format in the module docstring).
 
-        Written to a temporary file next to `out`, flushed to disk, then renamed over `out`, so
-        a crash never leaves a half-written file under the final name.
+        Written to a temporary file `.OUT.tmp-PID` next to `out`, flushed to disk, then renamed
+        over `out`, so a crash never leaves a half-written file under the final name, and a failed
+        pack leaves `out` as it was. Temporary files of `out` left by packs that were killed (their
+        PID no longer runs) are removed first, each named in a line on stderr.
 
         Args:
             out: destination path.
@@ -525,110 +780,310 @@ class ExpertStore:
 
         Returns:
             The path written.
+
+        Raises:
+            StoreError: reading an expert failed, or writing did (permission denied, read-only
+                or full filesystem, file too large: one line naming `out`); nothing is left
+                behind.
         """
         from tqdm import tqdm
 
         out = Path(out)
+        try:
+            mode = os.stat(out).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as error:
+            raise StoreError(f"cannot write '{out}': {error.strerror}") from None
+        if mode is not None and not stat.S_ISREG(mode):  # never rename over a device or FIFO
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "something")
+            raise StoreError(f"cannot write '{out}': it is {kind}, not a regular file")
+        for stale, pid in _remove_stale_temps(out):
+            print(f"removed stale temporary file '{stale}' (left by process {pid}, which is not "
+                  "running)", file=sys.stderr)
         count = len(self.layers) * self.num_experts
+        crcs = ["00000000"] * count
         header = {
             "format": "remoe-packed-experts", "version": PACK_VERSION,
             "model_type": self.model_type, "layers": list(self.layers),
             "num_experts": self.num_experts, **self.layout.to_json(),
-            "data_offset": 0, "source": self.source, "crc32": ["00000000"] * count,
+            "data_offset": 0, "source": self.source, "crc32c": crcs,
         }
         # Fixed-width fields: the header's length is known before the checksums are.
         header_len = len(json.dumps(header).encode())
-        header["data_offset"] = _round_up(_PREFIX.size + header_len + 32, ALIGN)
+        header["data_offset"] = data_offset = _round_up(_PREFIX.size + header_len + 32, ALIGN)
+        slot = self.layout.slot_bytes
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        fd = None
         try:
-            with open(tmp, "wb") as f, tqdm(total=count * self.layout.slot_bytes, unit="B",
-                                            unit_scale=True, desc=f"packing {out.name}",
-                                            disable=not progress) as bar:
-                f.seek(header["data_offset"])
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                tmp = None  # not ours to remove
+                raise StoreError(f"cannot write '{out}': this process is already packing it "
+                                 "(its temporary file exists)") from None
+            # Held until this process ends: a later pack that finds the file locked leaves it
+            # alone even when the PID check cannot see this process (another PID namespace).
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with tqdm(total=count * slot, unit="B", unit_scale=True,
+                      desc=f"packing {out.name}", disable=not progress) as bar:
                 for i, layer in enumerate(self.layers):
                     for e in range(self.num_experts):
-                        blob = self.read_expert(layer, e).numpy()
-                        header["crc32"][i * self.num_experts + e] = f"{zlib.crc32(blob):08x}"
-                        f.write(blob)
-                        bar.update(len(blob))
-                raw = json.dumps(header).encode()
-                f.seek(0)
-                f.write(_PREFIX.pack(PACK_MAGIC, PACK_VERSION, len(raw)) + raw)
-                f.flush()
-                os.fsync(f.fileno())
+                        blob = self.read_expert(layer, e)
+                        crcs[i * self.num_experts + e] = f"{blob_checksum(layer, e, blob):08x}"
+                        _pwrite_all(fd, blob.numpy(), data_offset + (i * self.num_experts + e)
+                                    * slot)
+                        bar.update(slot)
+            raw = json.dumps(header).encode()
+            _pwrite_all(fd, _PREFIX.pack(PACK_MAGIC, PACK_VERSION, len(raw), _crc32c(raw)) + raw,
+                        0)
+            os.fsync(fd)
+            os.close(fd)
+            fd = None
             os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            tmp = None
+        except OSError as error:
+            code = errno.errorcode.get(error.errno, error.errno)
+            raise StoreError(f"cannot write '{out}': {error.strerror or error} ({code})") from None
+        finally:  # any failure, KeyboardInterrupt included: leave nothing behind
+            if fd is not None:
+                os.close(fd)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        _fsync_directory(out.parent)
         return out
 
+    def blob_checksums(self) -> torch.Tensor | None:
+        """Each blob's checksum, as the pool's reader threads check a blob they read.
+
+        Returns:
+            int64 [len(layers) * num_experts, 2] for a packed store, row i * num_experts + e (the
+            blob order) = (blob_seed(layers[i], e), the header's CRC32C of that blob): the CRC32C
+            of the blob's bytes continued from the seed must equal the second. None for a
+            checkpoint or host store, which carry no checksums.
+        """
+        if self._crc32c is None:
+            return None
+        if self._checksums is None:
+            seeds = [blob_seed(layer, e) for layer in self.layers for e in range(self.num_experts)]
+            self._checksums = torch.tensor(list(zip(seeds, self._crc32c, strict=True)),
+                                           dtype=torch.int64)
+        return self._checksums.clone()
+
     def verify(self) -> None:
-        """Check every blob of a packed store against its CRC-32 (the pool does not, per read).
+        """Read every blob of a packed store and check it against its keyed CRC32C.
 
         Raises:
-            StoreError: naming the file and the first corrupt blob.
+            StoreError: naming the file and the first blob that fails: damaged bytes, or a header
+                that does not describe the blob at that place (relabelled or moved blobs).
         """
-        if self._crc32 is None:
+        if self._crc32c is None:
             raise ValueError("verify: only packed stores carry checksums")
         for i, layer in enumerate(self.layers):
             for e in range(self.num_experts):
-                crc = zlib.crc32(self.read_expert(layer, e).numpy())
-                if crc != self._crc32[i * self.num_experts + e]:
+                crc = blob_checksum(layer, e, self.read_expert(layer, e))
+                want = self._crc32c[i * self.num_experts + e]
+                if crc != want:
                     raise StoreError(f"'{self.source}' is corrupt: expert blob (layer {layer}, "
-                                     f"expert {e}) has CRC-32 {crc:08x}, the header says "
-                                     f"{self._crc32[i * self.num_experts + e]:08x}")
+                                     f"expert {e}) has CRC32C {crc:08x}, the header says "
+                                     f"{want:08x} (damaged, or not the blob the header "
+                                     "describes)")
 
 
-def _read_text_config(directory: Path, required: bool) -> dict:
-    """config.json's text config (the top level, or `text_config` for multimodal models)."""
+def _check_version(path: str, version: int) -> None:
+    """Refuse a packed file of any format version but PACK_VERSION, saying what to do."""
+    if version == PACK_VERSION:
+        return
+    if version > PACK_VERSION:
+        raise StoreError(f"'{path}' has packed format version {version}; this remoe-engine reads "
+                         f"version {PACK_VERSION}: upgrade remoe-engine")
+    written = ("written by an earlier remoe-engine (unkeyed CRC-32 checksums, an unchecked "
+               "header)" if version == 1 else "which no remoe-engine writes")
+    raise StoreError(f"'{path}' has packed format version {version}, {written}; this "
+                     f"remoe-engine reads version {PACK_VERSION}: re-run `remoe pack` to rewrite "
+                     "it")
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of `data` (bytes-like) at `offset`; a short write is retried, an error raised."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n == 0:  # no progress and no error: the kernel's way of saying the device is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done += n
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable, where the filesystem supports it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # the rename is what makes the file whole; this only makes it durable sooner
+    finally:
+        os.close(fd)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only the existence and permission checks
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _remove_stale_temps(out: Path) -> list[tuple[Path, int]]:
+    """Remove the temporary files `.OUT.tmp-PID` of packs of `out` that were killed.
+
+    One is stale when process PID does not exist and no process holds the lock a pack takes on
+    its temporary file; anything else (a live pack's file, a name that is not ours, a symlink, a
+    file we may not remove) is left alone.
+
+    Returns:
+        (path, pid) of each file removed.
+    """
+    pattern = re.compile(re.escape(f".{out.name}.tmp-") + r"([0-9]+)")
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or int(m[1]) == os.getpid() or _process_exists(int(m[1])):
+            continue
+        path = out.parent / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer
+            os.unlink(path)
+            removed.append((path, int(m[1])))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _read_config(directory: Path, required: bool) -> dict:
+    """config.json as a dict ({} when it is absent and not required)."""
     config = directory / "config.json"
     try:
-        data = json.loads(config.read_text())
+        raw = _read_file(config)
     except FileNotFoundError:
         if not required:
             return {}
         raise StoreError(f"'{config}' does not exist: pass model_type to pick the on-disk "
                          "expert layout") from None
-    except json.JSONDecodeError as error:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise StoreError(f"'{config}' is not valid JSON: {error}") from None
-    text = data.get("text_config") or data
+    if not isinstance(data, dict):
+        raise StoreError(f"'{config}' is not a JSON object")
+    return data
+
+
+def _text_config(directory: Path, config: dict, required: bool) -> dict:
+    """The text model's config: the top level, or `text_config` for multimodal models."""
+    text = config.get("text_config") or config
+    if not isinstance(text, dict):
+        raise StoreError(f"'{directory / 'config.json'}': text_config is not an object")
     if required and "model_type" not in text:
-        raise StoreError(f"'{config}' has no model_type")
+        raise StoreError(f"'{directory / 'config.json'}' has no model_type")
     return text
 
 
-def _checkpoint_tensors(directory: Path, only: Path | None) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint, key -> TensorInfo, shards resolved through the index."""
-    index = directory / "model.safetensors.index.json"
-    if only is not None:
-        return read_safetensors_header(only)
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise StoreError(f"'{index}' is corrupt: {error}") from None
-        by_file: dict[str, list[str]] = {}
-        for key, shard in weight_map.items():
-            by_file.setdefault(shard, []).append(key)
-        tensors = {}
-        for shard, keys in by_file.items():
-            shard_path = directory / shard
-            if not shard_path.exists():
-                raise StoreError(f"shard '{shard_path}' is missing: '{index}' maps {len(keys)} "
-                                 f"tensors to it, e.g. '{keys[0]}'")
-            header = read_safetensors_header(shard_path)
-            for key in keys:
-                if key not in header:
-                    raise StoreError(f"'{index}' maps tensor '{key}' to '{shard_path}', whose "
-                                     "header has no such tensor")
-                tensors[key] = header[key]
-        return tensors
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise StoreError(f"'{directory}' has no .safetensors files")
-    tensors = {}
-    for file in files:
-        tensors.update(read_safetensors_header(file))
+_SAFE_WEIGHTS_NAME = "model.safetensors"
+_SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def _checkpoint_tensors(directory: Path, config: dict) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint, key -> TensorInfo, from exactly the files transformers
+    loads.
+
+    Follows transformers' `_get_resolved_checkpoint_files` (modeling_utils.py) for a local
+    directory: config.json's `transformers_weights` if set (a .safetensors file or a
+    .safetensors.index.json inside the directory); else `model.safetensors`; else
+    `model.safetensors.index.json`, whose weight_map's distinct shard names, sorted, are the files
+    (`get_checkpoint_shard_files`, utils/hub.py), each loaded whole (`_load_pretrained_model`
+    reads every key of every shard). Any other .safetensors file in the directory (a backup, a
+    stray shard) is not part of the model and is never read.
+
+    Stricter than transformers in two places, where it would go on silently: it skips a name that
+    is not a regular file (`os.path.isfile`) and falls through to the next candidate, where here
+    the name is taken and the file refused; and when a tensor is in two shards the later shard's
+    copy wins there, where here it is an error.
+    """
+    explicit = config.get("transformers_weights")
+    if explicit is not None:
+        if not (isinstance(explicit, str) and explicit.endswith((".safetensors",
+                                                                  ".safetensors.index.json"))):
+            raise StoreError(f"'{directory / 'config.json'}': transformers_weights "
+                             f"{_short(explicit)} is neither a .safetensors file nor a "
+                             ".safetensors.index.json")
+        target = directory / explicit
+        if os.path.commonpath([os.path.abspath(directory), os.path.abspath(target)]) != (
+                os.path.abspath(directory)):
+            raise StoreError(f"'{directory / 'config.json'}': transformers_weights "
+                             f"{explicit!r} is outside the checkpoint directory")
+        sharded = explicit.endswith(".safetensors.index.json")
+    elif os.path.lexists(directory / _SAFE_WEIGHTS_NAME):
+        target, sharded = directory / _SAFE_WEIGHTS_NAME, False
+    elif os.path.lexists(directory / _SAFE_WEIGHTS_INDEX_NAME):
+        target, sharded = directory / _SAFE_WEIGHTS_INDEX_NAME, True
+    else:
+        present = sorted(p.name for p in directory.glob("*.safetensors"))
+        raise StoreError(f"'{directory}' has neither {_SAFE_WEIGHTS_NAME} nor "
+                         f"{_SAFE_WEIGHTS_INDEX_NAME}, so transformers would not load it "
+                         f"(.safetensors files there: {', '.join(present) or 'none'})")
+    if not sharded:
+        return read_safetensors_header(target)
+
+    index = target
+    try:
+        weight_map = json.loads(_read_file(index).decode("utf-8"))["weight_map"]
+        if not (isinstance(weight_map, dict)
+                and all(isinstance(shard, str) for shard in weight_map.values())):
+            raise TypeError(f"weight_map is not an object of shard file names: "
+                            f"{_short(weight_map)}")
+    except FileNotFoundError:
+        raise StoreError(f"checkpoint index '{index}' does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise StoreError(f"'{index}' is corrupt: {error}") from None
+    by_file: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        by_file.setdefault(shard, []).append(key)
+    tensors: dict[str, TensorInfo] = {}
+    for shard in sorted(by_file):
+        shard_path = directory / shard
+        if not os.path.lexists(shard_path):
+            keys = by_file[shard]
+            raise StoreError(f"shard '{shard_path}' is missing: '{index}' maps {len(keys)} "
+                             f"tensors to it, e.g. '{keys[0]}'")
+        header = read_safetensors_header(shard_path)
+        for key in by_file[shard]:
+            if key not in header:
+                raise StoreError(f"'{index}' maps tensor '{key}' to '{shard_path}', whose "
+                                 "header has no such tensor")
+        for key, info in header.items():
+            if key in tensors:
+                raise StoreError(f"tensor '{key}' is in both '{tensors[key].file}' and "
+                                 f"'{shard_path}' ('{index}' maps it to "
+                                 f"'{weight_map.get(key, 'neither')}'): which one is meant?")
+            tensors[key] = info
     return tensors
 
 
@@ -671,6 +1126,10 @@ def _index_experts(tensors: dict[str, TensorInfo], spec: families.DiskLayout,
                            None) or next(t.key for (_, _, j), t in found.items() if j == i)
             raise StoreError(f"layer {layer} expert {expert}: missing tensor matching "
                              f"'{patterns[i][0].pattern}' (like '{example}')")
+        if info.dtype not in _ST_DTYPES:
+            raise StoreError(f"tensor '{info.key}' in '{info.file}' has dtype {info.dtype}, which "
+                             f"remoe-engine does not read experts in (it reads "
+                             f"{', '.join(_ST_DTYPES)})")
         ref_dtype = ref_dtype or info
         if info.dtype != ref_dtype.dtype:
             raise StoreError(f"dtype mismatch: tensor '{info.key}' in '{info.file}' is "

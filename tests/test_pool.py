@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -278,23 +279,28 @@ def test_truncated_packed_file_fails_cleanly_and_pool_stays_usable(tmp_path):
     with pool.pinned(0, [0, 1]) as slots:  # resident before the damage
         _check_slots(pool, 0, [0, 1], slots)
     os.truncate(path, packed.segments(1, 6)[0].offset + 100)  # layer 1 experts 6, 7 are gone
-    with pytest.raises(RuntimeError, match=rf"layer 1 expert 6: '{path}' is truncated: 'expert "
-                       r"blob \(layer 1, expert 6\)' needs bytes \d+\.\.\d+ but the file ends at"):
+    # Expert 6 is cut off; 2 and 3 are still in the file, but the file changed since it was
+    # opened, so their bytes are not trusted either.
+    with pytest.raises(RuntimeError) as failure:
         pool.acquire(1, [2, 6, 3])
-    # The failed expert is not resident, and the call left nothing pinned.
-    assert 6 not in pool.resident(1) and pool.pins(1) == {} and pool.pins(0) == {}
-    assert pool.stats()["load_failures"] == 1
+    assert re.search(rf"layer 1 expert 6: '{re.escape(str(path))}' is truncated: 'expert blob "
+                     r"\(layer 1, expert 6\)' needs bytes \d+\.\.\d+ but the file ends at",
+                     str(failure.value)), failure.value
+    for expert in (2, 3):
+        assert re.search(rf"layer 1 expert {expert}: .* changed on disk after the model was "
+                         "loaded", str(failure.value)), failure.value
+    # The failed experts are not resident, and the call left nothing pinned.
+    assert pool.resident(1) == {} and pool.pins(1) == {} and pool.pins(0) == {}
+    assert pool.stats()["load_failures"] == 3
     assert pool.max_pinnable(1) == 4
-    # Still usable: other experts load, the survivors are hits, the broken one fails again.
-    slots = pool.acquire(1, [2, 3, 4, 5])
-    _check_slots(pool, 1, [2, 3, 4, 5], slots)
-    pool.release(1, [2, 3, 4, 5])
+    # Still usable: what is resident stays a hit; every new read of the changed file fails.
     with pytest.raises(RuntimeError, match="layer 1 expert 7: .* is truncated"):
         pool.acquire(1, [7])
-    with pool.pinned(0, [0, 1, 2]) as slots:
-        _check_slots(pool, 0, [0, 1, 2], slots)
-    stats = pool.stats()["per_layer"][1]
-    assert (stats["hits"], stats["load_failures"]) == (2, 2)
+    with pytest.raises(RuntimeError, match="layer 0 expert 2: .* changed on disk"):
+        pool.acquire(0, [0, 1, 2])
+    with pool.pinned(0, [0, 1]) as slots:
+        _check_slots(pool, 0, [0, 1], slots)
+    assert pool.stats()["per_layer"][0]["hits"] == 4
 
 
 def test_truncated_checkpoint_names_the_tensor_at_load_time(tmp_path):
@@ -309,9 +315,12 @@ def test_truncated_checkpoint_names_the_tensor_at_load_time(tmp_path):
     with pytest.raises(RuntimeError, match=r"layer 3 expert 1: .* is truncated: "
                        r"'model\.layers\.3\.block_sparse_moe\.experts\.1\.w3\.weight' needs"):
         pool.acquire(3, [0, 1])
-    assert pool.pins(3) == {} and set(pool.resident(3)) == {0}
-    with pool.pinned(0, [4, 5]):
-        pass
+    # Expert 0's bytes are still in the file, but the file changed: nothing of it is trusted.
+    assert pool.pins(3) == {} and pool.resident(3) == {}
+    with pytest.raises(RuntimeError, match=r"layer 0 expert 4: .* changed on disk after the "
+                       "model was loaded"):
+        pool.acquire(0, [4, 5])
+    assert pool.pins(0) == {} and pool.resident(0) == {}
 
 
 # ------------------------------------------------------------------------------- concurrency

@@ -12,10 +12,60 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from remoe_engine import cli
+from remoe_engine import cli, ops
 from remoe_engine.families import find_moe_blocks
 from remoe_engine.pool import SlotPool
-from remoe_engine.store import ALIGN, PACK_MAGIC, ExpertStore, StoreError, read_safetensors_header
+from remoe_engine.store import (
+    ALIGN,
+    PACK_MAGIC,
+    ExpertStore,
+    StoreError,
+    blob_checksum,
+    blob_seed,
+    read_safetensors_header,
+)
+
+# --------------------------------------------------------------------------- CRC32C, golden
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli, reflected
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c_ref(data: bytes, crc: int = 0) -> int:
+    """CRC32C (Castagnoli) of `data`, continuing `crc`: the plain byte-at-a-time definition."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+
+def test_crc32c_definition():
+    assert crc32c_ref(b"123456789") == 0xE3069283  # the standard CRC32C check value
+    data = torch.randint(0, 256, (1000,), dtype=torch.uint8)
+    assert ops.crc32c(data) == crc32c_ref(data.numpy().tobytes())
+    assert ops.crc32c(data[300:], ops.crc32c(data[:300])) == ops.crc32c(data)  # continuation
+
+
+def test_blob_checksum_is_keyed_by_layer_and_expert():
+    blob = torch.randint(0, 256, (4096,), dtype=torch.uint8)
+    key = struct.pack("<qq", 3, 5)  # int64 LE transformers layer index, int64 LE expert id
+    assert blob_seed(3, 5) == crc32c_ref(key)
+    assert blob_checksum(3, 5, blob) == crc32c_ref(key + blob.numpy().tobytes())
+    # The same bytes under another identity do not check out: relabelling is caught.
+    assert len({blob_checksum(3, 5, blob), blob_checksum(5, 3, blob), blob_checksum(3, 6, blob),
+                blob_checksum(4, 5, blob)}) == 4
+
 
 # One family per on-disk layout variant: per-expert keys (with shared experts, dense first
 # layers, plain), Mixtral w1/w3/w2, and GPT-OSS fused with biases. dtypes vary on purpose.
@@ -62,10 +112,17 @@ def _assert_pool_bytes_equal(store: ExpertStore, want, **pool_kwargs):
     if store.tier == "host":  # a host-tier miss is one copy of the blob row, no read
         assert stats["bytes_read"] == 0
         assert stats["bytes_copied"] == stats["misses"] * store.layout.slot_bytes
-    else:  # a packed miss reads the whole blob; a checkpoint miss reads the tensors' bytes
-        per_miss = store.layout.slot_bytes if store.source.endswith(".remoe") else (
-            store.layout.payload_bytes)
-        assert stats["bytes_read"] == stats["misses"] * per_miss
+    elif store.source.endswith(".remoe"):  # a packed miss reads the whole blob
+        assert stats["bytes_read"] == stats["misses"] * store.layout.slot_bytes
+    elif not any(pool.direct_io.values()):  # buffered: exactly the tensors' bytes
+        assert stats["bytes_read"] == stats["misses"] * store.layout.payload_bytes
+    else:  # O_DIRECT: the 4 KiB-aligned superset of each run of adjacent tensors, no more
+        aligned = 0
+        for layer in store.layers:
+            for e in range(store.num_experts):
+                for s in store.segments(layer, e):
+                    aligned += (-(-(s.offset + s.nbytes) // 4096) - s.offset // 4096) * 4096
+        assert (stats["misses"] * store.layout.payload_bytes <= stats["bytes_read"] <= aligned)
 
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=[mt for mt, _ in LAYOUTS])
@@ -246,9 +303,10 @@ def test_packed_file_errors_name_the_file(packed_file):
     with pytest.raises(StoreError, match=rf"'{packed_file}' is not a remoe packed expert file"):
         ExpertStore.from_packed(packed_file)
     packed_file.write_bytes(raw[:8] + struct.pack("<I", 99) + raw[12:])
-    with pytest.raises(StoreError, match=r"format version 99; this remoe-engine reads up to 1"):
+    with pytest.raises(StoreError, match=r"format version 99; this remoe-engine reads version 2: "
+                       "upgrade remoe-engine"):
         ExpertStore.from_packed(packed_file)
-    packed_file.write_bytes(raw[:16] + b"}" + raw[17:])
+    packed_file.write_bytes(raw[:20] + b"}" + raw[21:])  # the JSON starts after the 20-byte prefix
     with pytest.raises(StoreError, match=rf"'{packed_file}' has a corrupt header"):
         ExpertStore.from_packed(packed_file)
     corrupt = bytearray(raw)
@@ -256,7 +314,7 @@ def test_packed_file_errors_name_the_file(packed_file):
     corrupt[seg.offset + 10] ^= 0xFF
     packed_file.write_bytes(bytes(corrupt))
     with pytest.raises(StoreError, match=rf"is corrupt: expert blob \(layer {store.layers[1]}, "
-                       r"expert 3\) has CRC-32"):
+                       r"expert 3\) has CRC32C"):
         ExpertStore.from_packed(packed_file).verify()
 
 
@@ -284,11 +342,18 @@ def test_pack_cli(qwen_ckpt, tmp_path, capsys):
 def test_layers_past_num_hidden_layers_are_ignored(tmp_path):
     # DeepSeek-V3 checkpoints keep a multi-token-prediction layer (61) that transformers skips.
     model = hf_tiny.build("qwen3_moe")
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, max_shard_size="50KB")
     block = find_moe_blocks(model)[0].experts
     extra = {f"model.layers.4.mlp.experts.{e}.{name}.weight": t[e].contiguous()
              for e in range(8) for name, t in (("gate_proj", block.gate_up_proj[:, :32]),
                                                ("up_proj", block.gate_up_proj[:, 32:]),
                                                ("down_proj", block.down_proj))}
     save_file({k: v.detach() for k, v in extra.items()}, tmp_path / "mtp.safetensors")
+    index = tmp_path / "model.safetensors.index.json"  # the MTP shard is part of the checkpoint
+    data = json.loads(index.read_text())
+    data["weight_map"].update(dict.fromkeys(extra, "mtp.safetensors"))
+    index.write_text(json.dumps(data))
     assert ExpertStore.from_checkpoint(tmp_path).layers == (0, 1, 2, 3)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 5}))
+    assert ExpertStore.from_checkpoint(tmp_path).layers == (0, 1, 2, 3, 4)  # it was seen

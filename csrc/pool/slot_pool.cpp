@@ -8,10 +8,19 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <iomanip>
+#include <new>
 #include <sstream>
 #include <unordered_set>
+
+#include "../transfer/crc32c.h"
 
 namespace remoe {
 
@@ -30,7 +39,63 @@ LoadTicket::State LoadTicket::wait() {
   return state;
 }
 
+AlignedBuffer::AlignedBuffer(int64_t nbytes) : size(nbytes) {
+  void* p = nullptr;
+  if (posix_memalign(&p, kDirectIoAlign, static_cast<size_t>(std::max<int64_t>(nbytes, 1))) != 0) {
+    throw std::bad_alloc();
+  }
+  data = static_cast<uint8_t*>(p);
+}
+
+AlignedBuffer::~AlignedBuffer() { std::free(data); }
+
 namespace {
+
+int64_t align_down(int64_t v) { return v / kDirectIoAlign * kDirectIoAlign; }
+int64_t align_up(int64_t v) { return (v + kDirectIoAlign - 1) / kDirectIoAlign * kDirectIoAlign; }
+
+DirectIo parse_direct_io(const std::string& mode) {
+  if (mode == "off") return DirectIo::kOff;
+  if (mode == "on") return DirectIo::kOn;
+  if (mode == "auto") return DirectIo::kAuto;
+  TORCH_CHECK(false, "SlotPool: direct_io must be 'off', 'on' or 'auto', got '", mode, "'");
+}
+
+at::ScalarType parse_float_dtype(const std::string& name, const char* what) {
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  TORCH_CHECK(false, "SlotPool.set_conversion: ", what, " must be float32, bfloat16 or float16, "
+              "got '", name, "'");
+}
+
+template <typename From, typename To>
+void convert_n(const uint8_t* src, uint8_t* dst, int64_t n) {
+  From* in = reinterpret_cast<From*>(const_cast<uint8_t*>(src));
+  To* out = reinterpret_cast<To*>(dst);
+  // Through float: exact for widening; bf16/fp16 narrowing rounds to nearest even, as torch's
+  // own .to(dtype) does.
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<To>(static_cast<float>(in[i]));
+}
+
+template <typename From>
+void convert_from(at::ScalarType to, const uint8_t* src, uint8_t* dst, int64_t n) {
+  switch (to) {
+    case at::kFloat: return convert_n<From, float>(src, dst, n);
+    case at::kBFloat16: return convert_n<From, c10::BFloat16>(src, dst, n);
+    case at::kHalf: return convert_n<From, c10::Half>(src, dst, n);
+    default: TORCH_INTERNAL_ASSERT(false, "unsupported conversion target");
+  }
+}
+
+void convert(at::ScalarType from, at::ScalarType to, const uint8_t* src, uint8_t* dst, int64_t n) {
+  switch (from) {
+    case at::kFloat: return convert_from<float>(to, src, dst, n);
+    case at::kBFloat16: return convert_from<c10::BFloat16>(to, src, dst, n);
+    case at::kHalf: return convert_from<c10::Half>(to, src, dst, n);
+    default: TORCH_INTERNAL_ASSERT(false, "unsupported conversion source");
+  }
+}
 
 Policy parse_policy(const std::string& policy) {
   if (policy == "lru") return Policy::kLru;
@@ -42,14 +107,15 @@ Policy parse_policy(const std::string& policy) {
 
 SlotPool::SlotPool(int64_t num_layers, int64_t num_experts, int64_t slot_bytes, int64_t num_slots,
                    int64_t slots_per_layer, const std::string& policy, const std::string& device,
-                   int64_t num_threads, bool o_direct)
+                   int64_t num_threads, const std::string& direct_io)
     : num_layers_(num_layers),
       num_experts_(num_experts),
       slot_bytes_(slot_bytes),
       num_slots_(num_slots),
       slots_per_layer_(slots_per_layer),
       policy_(parse_policy(policy)),
-      files_(o_direct) {
+      files_(parse_direct_io(direct_io)),
+      land_bytes_(slot_bytes) {
   TORCH_CHECK(num_layers >= 1 && num_experts >= 1, "SlotPool: need at least one layer and one "
               "expert, got num_layers=", num_layers, ", num_experts=", num_experts);
   TORCH_CHECK(slot_bytes > 0 && slot_bytes % kDirectIoAlign == 0, "SlotPool: slot_bytes must be "
@@ -65,7 +131,6 @@ SlotPool::SlotPool(int64_t num_layers, int64_t num_experts, int64_t slot_bytes, 
   slots_.resize(num_slots);
   slot_of_.assign(num_layers * num_experts, -1);
   last_error_.resize(num_layers * num_experts);
-  segments_.resize(num_layers * num_experts);
   counters_ = std::make_unique<std::atomic<int64_t>[]>(num_layers * kNumCounters);
   for (int64_t i = 0; i < num_layers * kNumCounters; ++i) counters_[i].store(0);
   engine_ = make_copy_engine(c10::Device(device), num_slots, slot_bytes,
@@ -109,18 +174,142 @@ void SlotPool::set_file_sources(const at::Tensor& table, std::vector<std::string
                 " expert ", expert, " outside [0, ", num_layers_, ") x [0, ", num_experts_, ")");
     TORCH_CHECK(file >= 0 && file < files_.size(), "SlotPool.set_file_sources: row ", i, " ('",
                 labels[i], "') names file ", file, " but ", files_.size(), " files were added");
-    TORCH_CHECK(offset >= 0 && n > 0 && at_ >= 0 && at_ + n <= slot_bytes_,
+    TORCH_CHECK(offset >= 0 && n > 0 && at_ >= 0 && at_ + n <= land_bytes_,
                 "SlotPool.set_file_sources: row ", i, " ('", labels[i], "') puts ", n,
-                " bytes at slot offset ", at_, ", outside the ", slot_bytes_, "-byte slot");
+                " bytes at slot offset ", at_, ", outside the ", land_bytes_, "-byte slot");
     segments[key(layer, expert)].push_back(Segment{file, offset, n, at_, i});
   }
   for (int64_t k = 0; k < num_layers_ * num_experts_; ++k) {
     TORCH_CHECK(!segments[k].empty(), "SlotPool.set_file_sources: no source for layer ",
                 k / num_experts_, " expert ", k % num_experts_);
   }
-  segments_ = std::move(segments);
+  // Group each expert's segments into reads: sorted by file and offset, adjacent ones on an
+  // O_DIRECT file merged into one aligned read.
+  std::vector<std::vector<ReadRun>> runs(segments.size());
+  int64_t bounce_bytes = 0;
+  for (size_t k = 0; k < segments.size(); ++k) {
+    std::vector<Segment>& segs = segments[k];
+    std::sort(segs.begin(), segs.end(), [](const Segment& a, const Segment& b) {
+      return a.file_id != b.file_id ? a.file_id < b.file_id : a.file_offset < b.file_offset;
+    });
+    std::vector<ReadRun>& out = runs[k];
+    int64_t data_end = 0;  // file offset where the last run's data ends
+    for (const Segment& seg : segs) {
+      const bool direct = files_.direct(seg.file_id);
+      // Merge when the segment starts inside (or right after) the aligned blocks the run already
+      // reads: one request instead of two, and never a byte more than separate reads would take.
+      if (direct && !out.empty() && out.back().file_id == seg.file_id &&
+          seg.file_offset >= data_end && align_down(seg.file_offset) <= align_up(data_end)) {
+        ReadRun& run = out.back();
+        run.pieces.push_back({seg.file_offset - run.begin, seg.nbytes, seg.slot_offset, seg.label});
+        data_end = seg.file_offset + seg.nbytes;
+        run.length = align_up(data_end) - run.begin;
+        continue;
+      }
+      ReadRun run;
+      run.file_id = seg.file_id;
+      run.direct = direct;
+      run.begin = direct ? align_down(seg.file_offset) : seg.file_offset;
+      data_end = seg.file_offset + seg.nbytes;
+      run.length = direct ? align_up(data_end) - run.begin : data_end - run.begin;
+      run.pieces.push_back({seg.file_offset - run.begin, seg.nbytes, seg.slot_offset, seg.label});
+      out.push_back(std::move(run));
+    }
+    for (ReadRun& run : out) {
+      const ReadRun::Piece& p = run.pieces.front();
+      run.zero_copy = run.direct && run.pieces.size() == 1 && p.run_offset == 0 &&
+                      p.nbytes == run.length && p.slot_offset % kDirectIoAlign == 0;
+      if (run.direct && !run.zero_copy) bounce_bytes = std::max(bounce_bytes, run.length);
+    }
+  }
+  std::vector<std::unique_ptr<AlignedBuffer>> bounce;
+  if (bounce_bytes > 0) {
+    for (int w = 0; w < reader_->size(); ++w) {
+      bounce.push_back(std::make_unique<AlignedBuffer>(bounce_bytes));
+    }
+  }
+  runs_ = std::move(runs);
+  bounce_ = std::move(bounce);
   labels_ = std::move(labels);
   host_blobs_ = at::Tensor();
+}
+
+void SlotPool::set_conversion(const std::string& src_dtype, const std::string& dst_dtype,
+                              const at::Tensor& plan, int64_t src_bytes) {
+  const at::ScalarType from = parse_float_dtype(src_dtype, "src_dtype");
+  const at::ScalarType to = parse_float_dtype(dst_dtype, "dst_dtype");
+  TORCH_CHECK(plan.dim() == 2 && plan.size(1) == 3 && plan.scalar_type() == at::kLong &&
+                  plan.device().is_cpu() && plan.size(0) >= 1,
+              "SlotPool.set_conversion: plan must be a CPU int64 [N >= 1, 3] tensor, got ",
+              plan.scalar_type(), " ", plan.sizes());
+  TORCH_CHECK(src_bytes > 0 && src_bytes % kDirectIoAlign == 0, "SlotPool.set_conversion: "
+              "src_bytes must be a positive multiple of ", kDirectIoAlign, ", got ", src_bytes);
+  const at::Tensor t = plan.contiguous();
+  const int64_t* row = t.data_ptr<int64_t>();
+  std::vector<ConvertStep> steps;
+  int64_t extent = 0;
+  const int64_t in_size = c10::elementSize(from), out_size = c10::elementSize(to);
+  for (int64_t i = 0; i < t.size(0); ++i, row += 3) {
+    const ConvertStep step{row[0], row[1], row[2]};
+    TORCH_CHECK(step.numel > 0 && step.src_offset >= 0 && step.dst_offset >= 0 &&
+                    step.src_offset + step.numel * in_size <= src_bytes &&
+                    step.dst_offset + step.numel * out_size <= slot_bytes_,
+                "SlotPool.set_conversion: step ", i, " (", step.src_offset, ", ", step.dst_offset,
+                ", ", step.numel, ") falls outside the ", src_bytes, "-byte source or the ",
+                slot_bytes_, "-byte slot");
+    extent = std::max(extent, step.dst_offset + step.numel * out_size);
+    steps.push_back(step);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!started_ && runs_.empty(), "SlotPool.set_conversion: call it before "
+              "set_file_sources and the first acquire/prefetch");
+  std::vector<std::unique_ptr<AlignedBuffer>> landing;
+  for (int w = 0; w < reader_->size(); ++w) {
+    landing.push_back(std::make_unique<AlignedBuffer>(src_bytes));
+  }
+  src_dtype_ = from;
+  dst_dtype_ = to;
+  convert_ = std::move(steps);
+  land_bytes_ = src_bytes;
+  dst_extent_ = extent;
+  landing_ = std::move(landing);
+}
+
+void SlotPool::set_checksums(const at::Tensor& checks) {
+  TORCH_CHECK(checks.dim() == 2 && checks.size(0) == num_layers_ * num_experts_ &&
+                  checks.size(1) == 2 && checks.scalar_type() == at::kLong &&
+                  checks.device().is_cpu(),
+              "SlotPool.set_checksums: checks must be a CPU int64 [", num_layers_ * num_experts_,
+              ", 2] tensor, got ", checks.scalar_type(), " ", checks.sizes());
+  const at::Tensor t = checks.contiguous();
+  const int64_t* row = t.data_ptr<int64_t>();
+  std::vector<uint32_t> seed(t.size(0)), expected(t.size(0));
+  for (int64_t i = 0; i < t.size(0); ++i) {
+    TORCH_CHECK(row[2 * i] >= 0 && row[2 * i] <= 0xFFFFFFFFLL && row[2 * i + 1] >= 0 &&
+                    row[2 * i + 1] <= 0xFFFFFFFFLL,
+                "SlotPool.set_checksums: row ", i, " is not a pair of 32-bit CRCs");
+    seed[i] = static_cast<uint32_t>(row[2 * i]);
+    expected[i] = static_cast<uint32_t>(row[2 * i + 1]);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!started_, "SlotPool.set_checksums: sources are frozen after the first "
+              "acquire/prefetch");
+  crc_seed_ = std::move(seed);
+  crc_expected_ = std::move(expected);
+}
+
+void SlotPool::set_layer_ids(std::vector<int64_t> ids) {
+  TORCH_CHECK(static_cast<int64_t>(ids.size()) == num_layers_, "SlotPool.set_layer_ids: ",
+              ids.size(), " ids for ", num_layers_, " layers");
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!started_, "SlotPool.set_layer_ids: call it before the first acquire/prefetch");
+  layer_ids_ = std::move(ids);
+}
+
+std::vector<bool> SlotPool::direct_files() const {
+  std::vector<bool> out;
+  for (int64_t i = 0; i < files_.size(); ++i) out.push_back(files_.direct(i));
+  return out;
 }
 
 void SlotPool::set_host_sources(const at::Tensor& blobs) {
@@ -135,7 +324,7 @@ void SlotPool::set_host_sources(const at::Tensor& blobs) {
               "acquire/prefetch");
   host_blobs_ = blobs;
   host_blob_bytes_ = blobs.size(1);
-  for (auto& s : segments_) s.clear();
+  runs_.clear();
 }
 
 void SlotPool::check_layer(int64_t layer, const char* fn) const {
@@ -208,7 +397,7 @@ at::Tensor SlotPool::acquire(int64_t layer, const at::Tensor& ids, bool wait) {
   pinned.reserve(distinct.size());
   {
     std::lock_guard<std::mutex> lock(mu_);
-    TORCH_CHECK(!segments_[0].empty() || host_blobs_.defined(),
+    TORCH_CHECK(has_sources_locked(),
                 "SlotPool.acquire: no sources set (call set_file_sources or set_host_sources)");
     // 1. Classify against the residency at call time, and check capacity before changing
     //    anything: the call's hits are pinned by it, so they cannot be victims.
@@ -343,7 +532,7 @@ int64_t SlotPool::prefetch(int64_t layer, const at::Tensor& ids) {
   std::vector<Job> jobs;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    TORCH_CHECK(!segments_[0].empty() || host_blobs_.defined(),
+    TORCH_CHECK(has_sources_locked(),
                 "SlotPool.prefetch: no sources set (call set_file_sources or set_host_sources)");
     started_ = true;
     for (int64_t e : distinct) {
@@ -398,22 +587,39 @@ void SlotPool::run_load(const Job& job) {
       const uint8_t* src = host_blobs_.data_ptr<uint8_t>() + key(job.layer, job.expert) * host_blob_bytes_;
       count(job.layer, kBytesCopied, engine_->copy_from_host(job.slot, src, host_blob_bytes_));
     } else {
+      const int64_t k = key(job.layer, job.expert);
       const int worker = ReaderPool::current_worker();
-      uint8_t* dst = engine_->read_target(job.slot, worker);
-      int64_t extent = 0, nread = 0;
-      for (const Segment& seg : segments_[key(job.layer, job.expert)]) {
-        files_.read_exact(seg.file_id, seg.file_offset, seg.nbytes, dst + seg.slot_offset,
-                          labels_[seg.label]);
-        extent = std::max(extent, seg.slot_offset + seg.nbytes);
-        nread += seg.nbytes;
-      }
+      uint8_t* target = engine_->read_target(job.slot, worker);
+      // Bytes land in the slot itself (CPU) or the reader's staging buffer (CUDA), unless they
+      // need a dtype conversion first.
+      uint8_t* land = convert_.empty() ? target : landing_[worker]->data;
+      auto [nread, extent] = read_runs(k, worker, land);
       count(job.layer, kBytesRead, nread);
+      if (!crc_expected_.empty() && verify_.load(std::memory_order_relaxed)) {
+        const uint32_t crc = crc32c(land, static_cast<size_t>(land_bytes_), crc_seed_[k]);
+        if (crc != crc_expected_[k]) {
+          const ReadRun& run = runs_[k].front();
+          std::ostringstream msg;
+          msg << std::hex << std::setfill('0') << "'" << files_.path(run.file_id) << "': "
+              << labels_[run.pieces.front().label] << " fails its CRC32C check (read "
+              << std::setw(8) << crc << ", the header says " << std::setw(8) << crc_expected_[k]
+              << "): the file is corrupt or was changed after packing; run `remoe pack` again";
+          throw std::runtime_error(msg.str());
+        }
+      }
+      if (!convert_.empty()) {
+        for (const ConvertStep& step : convert_) {
+          convert(src_dtype_, dst_dtype_, land + step.src_offset, target + step.dst_offset,
+                  step.numel);
+        }
+        extent = dst_extent_;
+      }
       count(job.layer, kBytesCopied, engine_->commit_read(job.slot, worker, extent));
     }
     job.ticket->finish(LoadTicket::State::kDone);
   } catch (const std::exception& e) {
     std::ostringstream msg;
-    msg << "layer " << job.layer << " expert " << job.expert << ": " << e.what();
+    msg << "layer " << layer_id(job.layer) << " expert " << job.expert << ": " << e.what();
     {
       // Undo the entry before waking waiters, so no one sees a half-resident expert. Its pins go
       // with it; finish_acquire drops the failing call's other pins.
@@ -430,6 +636,39 @@ void SlotPool::run_load(const Job& job) {
     }
     job.ticket->finish(LoadTicket::State::kFailed, msg.str());
   }
+}
+
+std::pair<int64_t, int64_t> SlotPool::read_runs(int64_t k, int worker, uint8_t* land) {
+  int64_t nread = 0, extent = 0;
+  for (const ReadRun& run : runs_[k]) {
+    if (!run.direct) {
+      for (const ReadRun::Piece& p : run.pieces) {
+        files_.read_exact(run.file_id, run.begin + p.run_offset, p.nbytes, land + p.slot_offset,
+                          labels_[p.label]);
+        nread += p.nbytes;
+      }
+    } else {
+      const ReadRun::Piece& first = run.pieces.front();
+      uint8_t* dst = run.zero_copy ? land + first.slot_offset : bounce_[worker]->data;
+      const int64_t got = files_.read_direct(run.file_id, run.begin, run.length, dst,
+                                             labels_[first.label]);
+      for (const ReadRun::Piece& p : run.pieces) {
+        if (p.run_offset + p.nbytes > got) {
+          files_.throw_truncated(run.file_id, labels_[p.label], run.begin + p.run_offset,
+                                 run.begin + p.run_offset + p.nbytes);
+        }
+        if (!run.zero_copy) {
+          std::memcpy(land + p.slot_offset, dst + p.run_offset, static_cast<size_t>(p.nbytes));
+        }
+      }
+      nread += got;
+    }
+    // After the read: a change that finished before this check is caught; one that starts later
+    // does not touch the bytes already read.
+    files_.check_unchanged(run.file_id);
+    for (const ReadRun::Piece& p : run.pieces) extent = std::max(extent, p.slot_offset + p.nbytes);
+  }
+  return {nread, extent};
 }
 
 int64_t SlotPool::max_pinnable(int64_t layer) {
@@ -474,10 +713,19 @@ void SlotPool::reset_stats() {
 void register_slot_pool(torch::Library& m) {
   m.class_<SlotPool>("SlotPool")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, std::string, std::string,
-                       int64_t, bool>())
+                       int64_t, std::string>())
       .def("add_file", &SlotPool::add_file)
       .def("set_file_sources", &SlotPool::set_file_sources)
       .def("set_host_sources", &SlotPool::set_host_sources)
+      .def("set_conversion", &SlotPool::set_conversion)
+      .def("set_checksums", &SlotPool::set_checksums)
+      .def("set_verify", &SlotPool::set_verify)
+      .def("set_layer_ids", &SlotPool::set_layer_ids)
+      .def("direct_files", [](const c10::intrusive_ptr<SlotPool>& self) {
+        c10::List<bool> out;
+        for (bool d : self->direct_files()) out.push_back(d);
+        return out;
+      })
       .def("acquire", &SlotPool::acquire)
       .def("wait", &SlotPool::wait)
       .def("prefetch", &SlotPool::prefetch)

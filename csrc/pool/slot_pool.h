@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../transfer/copy_engine.h"
@@ -61,13 +62,46 @@ struct Segment {
   int64_t label;  // index into SlotPool::labels_: the tensor or blob name for error messages
 };
 
+// One read of a load: a range of one file holding one or more of the expert's segments. On an
+// O_DIRECT file it is the aligned superset of adjacent segments (a safetensors expert's gate, up
+// and down tensors usually sit side by side): one read into a bounce buffer, then a memcpy per
+// piece; an aligned single-piece run (a packed blob) is read straight into place.
+struct ReadRun {
+  struct Piece {
+    int64_t run_offset, nbytes, slot_offset, label;
+  };
+  int64_t file_id = -1;
+  int64_t begin = 0;   // file offset of the read
+  int64_t length = 0;  // bytes asked for (aligned on O_DIRECT files, so maybe past the file end)
+  bool direct = false;
+  bool zero_copy = false;  // direct, one aligned piece filling the run: no bounce buffer
+  std::vector<Piece> pieces;
+};
+
+// Element-wise dtype conversion of one tensor from the source layout into the slot layout.
+struct ConvertStep {
+  int64_t src_offset, dst_offset, numel;
+};
+
+// An aligned heap buffer (O_DIRECT needs kDirectIoAlign-aligned destinations).
+struct AlignedBuffer {
+  explicit AlignedBuffer(int64_t nbytes);
+  ~AlignedBuffer();
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  uint8_t* data = nullptr;
+  int64_t size = 0;
+};
+
 class SlotPool : public torch::CustomClassHolder {
  public:
   // slots_per_layer > 0: per-layer scope, layer l owns slots [l*spl, (l+1)*spl) and num_slots
   // must be L * spl. slots_per_layer == 0: one global scope over all num_slots slots.
+  // direct_io: "off" (buffered reads), "on" (O_DIRECT, an error where unsupported) or "auto"
+  // (O_DIRECT where the filesystem supports it, else buffered).
   SlotPool(int64_t num_layers, int64_t num_experts, int64_t slot_bytes, int64_t num_slots,
            int64_t slots_per_layer, const std::string& policy, const std::string& device,
-           int64_t num_threads, bool o_direct);
+           int64_t num_threads, const std::string& direct_io);
   ~SlotPool() override;
 
   // --- sources, set before the first acquire/prefetch -------------------------------------
@@ -77,6 +111,23 @@ class SlotPool : public torch::CustomClassHolder {
   void set_file_sources(const at::Tensor& table, std::vector<std::string> labels);
   // blobs [L * E, B'] uint8 CPU, B' <= B, row l*E+e = expert (l, e) in slot layout (host tier).
   void set_host_sources(const at::Tensor& blobs);
+  // File sources hold another dtype than the slots: each load lands in a per-reader buffer of
+  // `src_bytes` (the source layout), then `plan` [N, 3] int64 rows (src_offset, dst_offset,
+  // numel) convert each tensor from `src_dtype` into the slot ("float32" | "bfloat16" |
+  // "float16"). Call before set_file_sources, whose slot offsets then refer to the source layout.
+  void set_conversion(const std::string& src_dtype, const std::string& dst_dtype,
+                      const at::Tensor& plan, int64_t src_bytes);
+  // checks [L * E, 2] int64 rows (seed, expected): a load of expert k is accepted only if
+  // crc32c(landed bytes [0, land_bytes), seed) == expected, checked by the reader before the
+  // bytes can reach the slot (the seed binds a blob to its (layer, expert), so a relabelled blob
+  // fails too). Covers the whole landing area: use it for sources that fill it (packed blobs).
+  void set_checksums(const at::Tensor& checks);
+  // Benchmarks only: skip the checksum (to measure what it costs). Default on.
+  void set_verify(bool on) { verify_.store(on); }
+  // Transformers layer index of each dense layer, for error messages.
+  void set_layer_ids(std::vector<int64_t> ids);
+  // Per added file: whether it is read with O_DIRECT.
+  std::vector<bool> direct_files() const;
 
   // --- the hot path --------------------------------------------------------------------------
   // Pins the distinct experts of `ids` [n] int64 in `layer`, starting loads for the missing ones,
@@ -141,6 +192,12 @@ class SlotPool : public torch::CustomClassHolder {
                    int64_t freq, bool prefetched);
   void launch(std::vector<Job>& jobs);
   void run_load(const Job& job);
+  // Reads expert `k`'s runs into `land` on reader `worker`; returns (bytes read, extent).
+  std::pair<int64_t, int64_t> read_runs(int64_t k, int worker, uint8_t* land);
+  bool has_sources_locked() const { return !runs_.empty() || host_blobs_.defined(); }
+  int64_t layer_id(int64_t layer) const {
+    return layer_ids_.empty() ? layer : layer_ids_[layer];
+  }
   // Waits for the pinned loads of one acquire; on failure undoes its pins and throws.
   void finish_acquire(int64_t layer, const std::vector<Pinned>& pinned);
   void count(int64_t layer, Counter c, int64_t n) {
@@ -157,10 +214,19 @@ class SlotPool : public torch::CustomClassHolder {
   int64_t clock_ = 0;                    // access stamps: one per distinct expert per call
   bool started_ = false;                 // sources are frozen after the first load
 
-  // Sources: per (layer, expert) file segments, or one host blob row.
+  // Sources: per (layer, expert) file reads, or one host blob row.
   FileSet files_;
-  std::vector<std::vector<Segment>> segments_;  // [L * E]
+  std::vector<std::vector<ReadRun>> runs_;  // [L * E]; empty until set_file_sources
   std::vector<std::string> labels_;
+  std::vector<std::unique_ptr<AlignedBuffer>> bounce_;  // [threads] for unaligned direct reads
+  std::vector<std::unique_ptr<AlignedBuffer>> landing_;  // [threads] source layout (conversion)
+  int64_t land_bytes_;  // bytes of the source layout (== slot_bytes_ unless converting)
+  int64_t dst_extent_ = 0;  // converting: slot bytes the conversion writes
+  at::ScalarType src_dtype_ = at::kByte, dst_dtype_ = at::kByte;
+  std::vector<ConvertStep> convert_;  // empty: no conversion
+  std::vector<uint32_t> crc_seed_, crc_expected_;  // [L * E] or empty
+  std::atomic<bool> verify_{true};
+  std::vector<int64_t> layer_ids_;  // [L] transformers layer index, for messages
   at::Tensor host_blobs_;  // [L * E, B'] uint8, or undefined
   int64_t host_blob_bytes_ = 0;
 

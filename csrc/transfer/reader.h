@@ -17,37 +17,57 @@ namespace remoe {
 // size; 4 KiB covers every block device we target (NVMe, UFS, SATA with 4Kn).
 constexpr int64_t kDirectIoAlign = 4096;
 
-// The files of one expert source. Each file has a buffered descriptor and, when O_DIRECT is on,
-// a second descriptor opened with O_DIRECT. Files are added before the first read and never
-// removed, so reads need no lock.
+// How a FileSet opens its files. kAuto: O_DIRECT where the filesystem supports it (most local
+// disks), buffered elsewhere (tmpfs, some network and FUSE filesystems refuse O_DIRECT).
+enum class DirectIo { kOff, kOn, kAuto };
+
+// The files of one expert source. Each file has a buffered descriptor (with readahead off: expert
+// reads are random, and readahead would pull bytes nobody asked for into the page cache) and,
+// when direct I/O is on and supported, a second descriptor opened with O_DIRECT. Files are added
+// before the first read and never removed, so reads need no lock.
 class FileSet {
  public:
-  explicit FileSet(bool o_direct) : o_direct_(o_direct) {}
+  explicit FileSet(DirectIo mode) : mode_(mode) {}
   ~FileSet();
   FileSet(const FileSet&) = delete;
   FileSet& operator=(const FileSet&) = delete;
 
-  // Opens `path` (and its O_DIRECT twin); throws std::runtime_error naming the path and errno.
+  // Opens `path` (and its O_DIRECT twin). Throws std::runtime_error naming the path when it
+  // cannot be opened, is not a regular file (a FIFO would block every read forever), or, with
+  // DirectIo::kOn, refuses O_DIRECT.
   int64_t add(const std::string& path);
   int64_t size() const { return static_cast<int64_t>(files_.size()); }
   const std::string& path(int64_t id) const { return files_.at(id).path; }
+  // Whether file `id` is read with O_DIRECT.
+  bool direct(int64_t id) const { return files_.at(id).direct_fd >= 0; }
 
   // Reads exactly `nbytes` at `offset` of file `id` into `dst`. Uses the O_DIRECT descriptor when
-  // offset, length and destination are all kDirectIoAlign-aligned (packed files), else the
-  // buffered one. `what` names the tensor or blob for error messages. Throws std::runtime_error
-  // naming the file, the tensor and the byte range on a short read (truncated file) or I/O error.
+  // offset, length and destination are all kDirectIoAlign-aligned, else the buffered one. `what`
+  // names the tensor or blob for error messages. Throws std::runtime_error naming the file, the
+  // tensor and the byte range on a short read (truncated file) or I/O error.
   void read_exact(int64_t id, int64_t offset, int64_t nbytes, uint8_t* dst,
                   const std::string& what) const;
+  // O_DIRECT read of the aligned range [offset, offset + nbytes) (both aligned, dst aligned).
+  // Returns the bytes read: nbytes, or fewer where the file ends. Throws on an I/O error.
+  int64_t read_direct(int64_t id, int64_t offset, int64_t nbytes, uint8_t* dst,
+                      const std::string& what) const;
+  // Throws the "is truncated" error for `what` needing bytes [begin, end) of file `id`.
+  [[noreturn]] void throw_truncated(int64_t id, const std::string& what, int64_t begin,
+                                    int64_t end) const;
+  // Throws std::runtime_error naming the file when its size or modification time differs from
+  // when it was opened: bytes just read from it may belong to another version of the file.
+  void check_unchanged(int64_t id) const;
 
  private:
   struct File {
     std::string path;
     int fd = -1;
-    int direct_fd = -1;  // -1 unless O_DIRECT is on
-    int64_t size = 0;    // at open time, for error messages
+    int direct_fd = -1;  // -1 unless O_DIRECT is on and supported
+    int64_t size = 0;    // at open time
+    int64_t mtime_ns = 0;
   };
   std::deque<File> files_;  // deque: references stay valid while files are added
-  bool o_direct_;
+  DirectIo mode_;
 };
 
 // A fixed set of threads running jobs in FIFO order. FIFO matters: a load that must wait for an

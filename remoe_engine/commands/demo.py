@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from remoe_engine.cli import finite_nonnegative
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -21,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens in the stream (256)")
     parser.add_argument("--experts", type=int, default=64, help="routed experts E (64)")
     parser.add_argument("--top-k", type=int, default=6, help="experts per token K (6)")
-    parser.add_argument("--reuse-bias", type=float, default=0.05,
+    parser.add_argument("--reuse-bias", type=finite_nonnegative, default=0.05,
                         help="bias added to the previous token's experts' probability (0.05)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 
@@ -60,8 +61,8 @@ def _floats(spec: str | None, name: str) -> list[float]:
         values = [float(x) for x in spec.split(",") if x.strip()]
     except ValueError:
         raise CommandError(f"{name} must be comma-separated numbers, got {spec!r}") from None
-    if any(not v >= 0 for v in values):
-        raise CommandError(f"{name} values must be >= 0, got {spec!r}")
+    if any(not (math.isfinite(v) and v >= 0) for v in values):
+        raise CommandError(f"{name} values must be finite numbers >= 0, got {spec!r}")
     return values
 
 

@@ -16,19 +16,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """
     parser = subparsers.add_parser(
         "pack", help="pack a checkpoint's experts into one file (one read per expert miss)",
-        description="Read the routed experts of a safetensors checkpoint (headers only, then "
-        "their byte ranges) and write them expert-major, each expert one 4 KiB-aligned blob in "
-        "the pool's slot layout, so a miss is one read and can use O_DIRECT. Written to a "
-        "temporary file and renamed, so OUT is never half-written.",
+        description="Read the routed experts of a safetensors checkpoint (the files "
+        "transformers loads; headers only, then their byte ranges) and write them expert-major, "
+        "each expert one 4 KiB-aligned blob in the pool's slot layout, so a miss is one read and "
+        "can use O_DIRECT. Each blob carries a CRC32C keyed by its layer and expert, and the "
+        "header its own CRC32C. Written to a temporary file .OUT.tmp-PID and renamed, so OUT is "
+        "never half-written and a failed pack leaves OUT as it was; temporary files left by "
+        "killed packs of OUT are removed.",
     )
     parser.add_argument("checkpoint", type=pathlib.Path, metavar="CKPT",
-                        help="checkpoint directory (config.json + .safetensors shards)")
+                        help="checkpoint directory (config.json, and model.safetensors or "
+                        "model.safetensors.index.json with its shards)")
     parser.add_argument("out", type=pathlib.Path, metavar="OUT", help="packed file to write")
     parser.add_argument("--model-type", default=None,
                         help="override config.json's model_type (picks the on-disk layout)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     parser.add_argument("--verify", action="store_true",
-                        help="re-read the written file and check every blob's CRC-32")
+                        help="re-read the written file and check every expert blob's CRC32C")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -48,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
             packed.verify()
     except (StoreError, NotImplementedError) as error:
         raise CommandError(str(error)) from None
+    except OSError as error:  # one the store did not name, e.g. an unreadable directory
+        where = f"'{error.filename}': " if error.filename else ""
+        raise CommandError(f"{where}{error.strerror or error}") from None
     size = args.out.stat().st_size
     print(f"wrote {args.out}: {store.model_type}, {len(store.layers)} layers x "
           f"{store.num_experts} experts, {store.layout.slot_bytes} bytes per expert blob, "

@@ -12,6 +12,8 @@ import argparse
 import json
 import os
 
+from remoe_engine.cli import finite_nonnegative
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -29,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="expert slots per MoE layer instead of a budget")
     parser.add_argument("--policy", choices=["lru", "lfu"], default="lru",
                         help="eviction policy (lru)")
-    parser.add_argument("--reuse-bias", type=float, default=None,
+    parser.add_argument("--reuse-bias", type=finite_nonnegative, default=None,
                         help="cache-aware routing bias of the +bias rows (default: the model "
                              "card's recommendation, 0.02 for the built-in model, else 0.05); "
                              "0 drops those rows")

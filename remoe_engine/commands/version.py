@@ -10,7 +10,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "version", help="print versions and whether the CUDA kernels were built",
         description="Print the versions of remoe-engine, Python, torch and transformers, and "
-        "whether remoe_engine._C contains CUDA kernels.",
+        "whether remoe_engine._C contains CUDA kernels, and which CRC32C implementation checks "
+        "packed expert blobs on this CPU.",
     )
     parser.set_defaults(func=run)
 
@@ -30,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         ("transformers", transformers.__version__),
         ("CUDA kernels built", "yes" if ops.cuda_kernels_built() else "no"),
         ("GPU", gpu),
+        ("CRC32C", ops.crc32c_impl()),  # the packed-blob check each read pays for
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
