@@ -44,14 +44,16 @@ sequence of acquire calls; any change here must change it too.
   first), or stop when no slot is takeable. It does
   not touch resident experts. It counts as `prefetches`, not as a miss; a later acquire of a
   prefetched expert is a hit (and a `prefetch_hit`), even if its load is still in flight.
-- A failed load (truncated file, I/O error) removes its expert from the residency (its slot
-  becomes free, its pins go) and raises from the acquire or wait that waited on it, which also
-  drops that call's other pins: after an exception the caller holds no pin from that call.
+- A failed load (truncated or changed file, I/O error, a packed blob failing its CRC32C check)
+  removes its expert from the residency (its slot becomes free, its pins go) and raises from the
+  acquire or wait that waited on it, which also drops that call's other pins: after an exception
+  the caller holds no pin from that call.
 
 Counters (per layer, and summed): hits, misses, evictions (charged to the layer whose expert was
-evicted), prefetches, prefetch_hits, bytes_read (from files), bytes_copied (host memory into
-slots: staging -> GPU, or host tier), stall_s (host time blocked in acquire/wait waiting for
-loads; GPU-side waits on copy events are not host time and are not included), load_failures.
+evicted), prefetches, prefetch_hits, bytes_read (from files, as the storage served them: with
+O_DIRECT, a safetensors expert's 4 KiB-aligned superset), bytes_copied (host memory into slots:
+staging -> GPU, or host tier), stall_s (host time blocked in acquire/wait waiting for loads;
+GPU-side waits on copy events are not host time and are not included), load_failures.
 """
 
 from __future__ import annotations
@@ -178,6 +180,9 @@ class SlotPool:
             files, table, labels = store.source_table()
             for path in files:
                 self._pool.add_file(path)
+            # The reader checks each file after every read against what it saw when it opened
+            # it; this closes the gap between reading the headers and opening the files.
+            store.check_unchanged()
             self._pool.set_file_sources(table, labels)
             checks = store.blob_checksums() if hasattr(store, "blob_checksums") else None
             if checks is not None:

@@ -210,6 +210,12 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(device, inode, size, modification time in ns): what must not change between reading a
+    file's header and reading its experts."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _read_file(path: str | os.PathLike) -> bytes:
     """A whole regular file (config.json, an index); FileNotFoundError or StoreError."""
     fd, size = _open_regular(path)
@@ -229,6 +235,7 @@ class TensorInfo:
     nbytes: int
     dtype: str  # safetensors name, e.g. "BF16"
     shape: tuple[int, ...]
+    identity: tuple[int, ...] = ()  # the file's `file_identity` when its header was read
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
@@ -259,6 +266,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         fd, size = _open_regular(path)
     except FileNotFoundError:
         raise StoreError(f"safetensors file '{path}' does not exist") from None
+    identity = file_identity(os.fstat(fd))
     try:
         prefix = _pread(fd, 8, 0)
         if len(prefix) < 8:
@@ -334,7 +342,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         raise StoreError(f"'{path}': data bytes {at}..{size - data_start} belong to no tensor "
                          f"({after})")
     return {key: TensorInfo(key, path, data_start + begin, end - begin, header[key]["dtype"],
-                            tuple(header[key]["shape"])) for begin, end, key in spans}
+                            tuple(header[key]["shape"]), identity) for begin, end, key in spans}
 
 
 @dataclass(frozen=True)
@@ -479,7 +487,8 @@ class ExpertStore:
     def __init__(self, *, layout: SlotLayout, layers: Sequence[int], num_experts: int,
                  model_type: str, source: str,
                  segments: dict[tuple[int, int], list[Segment]] | None = None,
-                 host_blobs: torch.Tensor | None = None, crc32c: Sequence[int] | None = None):
+                 host_blobs: torch.Tensor | None = None, crc32c: Sequence[int] | None = None,
+                 file_identities: dict[str, tuple[int, ...]] | None = None):
         if (segments is None) == (host_blobs is None):
             raise ValueError("ExpertStore needs exactly one of segments (disk) or host_blobs")
         self.layout = layout
@@ -494,6 +503,28 @@ class ExpertStore:
         self._checksums: torch.Tensor | None = None  # blob_checksums(), built on first use
         self._layer_pos = {layer: i for i, layer in enumerate(self.layers)}
         self._fds: dict[str, int] = {}
+        self._identities = dict(file_identities or {})
+
+    def check_unchanged(self) -> None:
+        """Every file of the disk tier is the one whose header was read (same device, inode,
+        size and modification time): offsets taken from an older version of a file would read
+        the wrong bytes. The pool calls it right after opening the files; from then on the
+        reader checks each file after every read.
+
+        Raises:
+            StoreError: naming the first file that changed.
+        """
+        for path, identity in self._identities.items():
+            if not identity:
+                continue
+            try:
+                now = file_identity(os.stat(path))
+            except OSError as error:
+                raise StoreError(f"'{path}' cannot be examined: {error.strerror}") from None
+            if now != identity:
+                raise StoreError(f"'{path}' changed after its header was read (size "
+                                 f"{identity[2]} -> {now[2]} bytes, or another file or "
+                                 "modification time): open the store again")
 
     def __repr__(self) -> str:
         return (f"ExpertStore({self.model_type}, {self.tier} tier from {self.source!r}: "
@@ -619,8 +650,10 @@ class ExpertStore:
         # keeps its multi-token-prediction layer 61 on disk): never index them.
         layout, layers, num_experts, segments = _index_experts(
             tensors, layout_spec, config.get("num_hidden_layers"))
+        used = {s.file for segs in segments.values() for s in segs}
+        identities = {t.file: t.identity for t in tensors.values() if t.file in used}
         return cls(layout=layout, layers=layers, num_experts=num_experts, model_type=model_type,
-                   source=str(directory), segments=segments)
+                   source=str(directory), segments=segments, file_identities=identities)
 
     @classmethod
     def from_packed(cls, path: str | os.PathLike) -> ExpertStore:
@@ -637,6 +670,7 @@ class ExpertStore:
             fd, size = _open_regular(path)
         except FileNotFoundError:
             raise StoreError(f"packed expert file '{path}' does not exist") from None
+        identity = file_identity(os.fstat(fd))
         try:
             prefix = _pread(fd, _PREFIX.size, 0)
             magic = prefix[: len(PACK_MAGIC)]
@@ -709,7 +743,7 @@ class ExpertStore:
                                                 f"expert blob (layer {layer}, expert {e})")]
         return cls(layout=layout, layers=layers, num_experts=num_experts,
                    model_type=str(header.get("model_type", "?")), source=path, segments=segments,
-                   crc32c=[int(c, 16) for c in crcs])
+                   crc32c=[int(c, 16) for c in crcs], file_identities={path: identity})
 
     @classmethod
     def from_model(cls, model: nn.Module, *, pin_memory: bool | None = None, take: bool = False

@@ -302,3 +302,17 @@ def test_o_direct_auto_reads_safetensors_directly_where_supported(tmp_path, wher
     finally:
         if where == "tmpfs":
             shutil.rmtree(place)
+
+
+def test_shard_changed_between_header_and_open_is_refused(tmp_path):
+    """Offsets taken from a header must not be applied to another version of the file."""
+    from remoe_engine.pool import SlotPool
+
+    hf_tiny.build("mixtral").save_pretrained(tmp_path)
+    store = ExpertStore.from_checkpoint(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["model.layers.0.block_sparse_moe.experts.0.w1.weight"].neg_()
+    save_file(tensors, shard, metadata={"format": "pt"})  # same layout, other bytes
+    with pytest.raises(StoreError, match=r"model\.safetensors' changed after its header was read"):
+        SlotPool(store, slots_per_layer=2)
