@@ -51,6 +51,15 @@ class FileSet {
   // Returns the bytes read: nbytes, or fewer where the file ends. Throws on an I/O error.
   int64_t read_direct(int64_t id, int64_t offset, int64_t nbytes, uint8_t* dst,
                       const std::string& what) const;
+  // Like read_direct, but as up to kMaxChunks concurrent requests of about `chunk` bytes (Linux
+  // native AIO): `on_chunk(data, n)` sees each chunk, in file order, as soon as it and every
+  // chunk before it have arrived, so work on the bytes (the blob checksum, which is bound by
+  // memory bandwidth on data fresh from DMA) overlaps the rest of the read. Falls back to one
+  // read_direct, then on_chunk over the whole, where AIO is unavailable.
+  int64_t read_direct_chunked(int64_t id, int64_t offset, int64_t nbytes, uint8_t* dst,
+                              const std::string& what, int64_t chunk,
+                              const std::function<void(const uint8_t*, int64_t)>& on_chunk) const;
+  static constexpr int kMaxChunks = 16;
   // Throws the "is truncated" error for `what` needing bytes [begin, end) of file `id`.
   [[noreturn]] void throw_truncated(int64_t id, const std::string& what, int64_t begin,
                                     int64_t end) const;
