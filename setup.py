@@ -4,7 +4,9 @@ Environment:
   REMOE_BUILD_CUDA      auto (default) | 1 | 0. `auto` compiles the .cu files whenever nvcc and a
                         CUDA build of torch are present, whether or not a GPU is visible; `0`
                         builds the C++ kernels only; `1` fails clearly when CUDA can't be built.
-  TORCH_CUDA_ARCH_LIST  GPU architectures (default "9.0", which keeps builds short).
+  TORCH_CUDA_ARCH_LIST  GPU architectures. Default: the visible GPUs' own (e.g. "8.6"), else
+                        "8.0;9.0+PTX": Ampere and Hopper binaries, and PTX that newer GPUs
+                        (Blackwell) compile at load time.
   MAX_JOBS              parallel compile jobs (read by ninja through torch's BuildExtension).
   NVCC_THREADS          threads per nvcc invocation (default 2).
   REMOE_DEBUG           1 builds with -O0 -g.
@@ -92,6 +94,20 @@ def _want_cuda() -> bool:
     return False
 
 
+def _default_arch_list() -> str:
+    """The visible GPUs' compute capabilities ("8.6;9.0"), or "8.0;9.0+PTX" when none is."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i)
+                           for i in range(torch.cuda.device_count())})
+            return ";".join(f"{major}.{minor}" for major, minor in caps)
+    except Exception:  # a broken driver must not break a build that needs no GPU
+        pass
+    return "8.0;9.0+PTX"
+
+
 def _extension():
     build_cuda = _want_cuda()
     debug = os.environ.get("REMOE_DEBUG", "0") == "1"
@@ -106,8 +122,10 @@ def _extension():
     define_macros = [("Py_LIMITED_API", "0x030A0000")]
     if build_cuda:
         # Without an explicit list torch compiles for every known architecture when no GPU is
-        # visible, which takes many minutes; 9.0 (Hopper) is the GPU this project is checked on.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        # visible, which takes many minutes. A binary for one architecture alone fails on any
+        # other GPU with "no kernel image", so the default is the GPUs of this machine, or
+        # Ampere + Hopper with PTX for newer ones.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
         extra_compile_args["nvcc"] = [
             *opt,
             *(["-G"] if debug else []),

@@ -261,8 +261,20 @@ def patch(model: nn.Module, *, slots_per_layer: int | None = None,
     devices = [p.device for p in first]
     requires_grad = [p.requires_grad for p in first]
     device = devices[0]
+    if len(set(devices)) > 1:
+        # One pool lives on one device; a model split across GPUs (device_map="auto") would
+        # compute some layers' experts on the wrong device.
+        where = {}
+        for block, d in zip(blocks, devices, strict=True):
+            where.setdefault(str(d), []).append(block.layer_idx)
+        raise NotImplementedError(
+            f"{type(model).__name__}'s experts are on several devices ("
+            + "; ".join(f"{d}: layers {layers}" for d, layers in where.items())
+            + "): remoe-engine serves one device per model; move the model to one device")
     # take=True: each layer's experts leave the model right after they are copied.
-    expert_store = ExpertStore.from_model(model, take=True)
+    # Pinned only for a GPU pool: pinning is for asynchronous host-to-GPU copies, and it takes
+    # host memory the OS can never page out.
+    expert_store = ExpertStore.from_model(model, take=True, pin_memory=device.type == "cuda")
     handle = Handle(model, blocks, None, expert_store, reuse_bias, bias_source, prefetch=prefetch)
     handle._restore.append(
         lambda: _restore_experts(blocks, expert_store, devices, requires_grad))

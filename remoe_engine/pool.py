@@ -133,6 +133,7 @@ class SlotPool:
         self.device = device
         self.policy = policy
         self.slots_per_layer = slots_per_layer  # None: global scope
+        self.num_threads = num_threads
         direct_io = _DIRECT_IO.get(o_direct) if isinstance(o_direct, (bool, str)) else None
         if direct_io is None:
             raise ValueError(f"SlotPool: o_direct must be True, False or 'auto', got {o_direct!r}")
@@ -344,7 +345,18 @@ class SlotPool:
         out = row(table.sum(0).tolist())
         out["per_layer"] = {layer: row(values) for layer, values in
                             zip(self.store.layers, table.tolist(), strict=True)}
+        out["pinned_host_bytes"] = self.pinned_host_bytes
         return out
+
+    @property
+    def pinned_host_bytes(self) -> int:
+        """Page-locked host memory this pool uses: the host tier's blobs when pinned, and on CUDA
+        one staging buffer of `slot_bytes` per reader thread (cudaHostAlloc)."""
+        blobs = self.store.host_blobs
+        pinned = blobs.numel() if blobs is not None and blobs.is_pinned() else 0
+        if self.device.type == "cuda":
+            pinned += self.num_threads * self.slot_bytes
+        return pinned
 
     def reset_stats(self) -> None:
         self._pool.reset_stats()

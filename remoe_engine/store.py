@@ -752,8 +752,8 @@ class ExpertStore:
 
         Args:
             model: a transformers v5 MoE model with materialized experts (any device).
-            pin_memory: pin the blobs (fast, truly async host-to-GPU copies). Default: pin when
-                CUDA is available.
+            pin_memory: pin the blobs (fast, truly async host-to-GPU copies; only worth it for a
+                pool on a GPU). Default: False.
             take: after copying a layer's experts, replace its expert parameters with meta
                 tensors of the same shape, freeing their memory (peak: the model + one layer).
 
@@ -780,8 +780,7 @@ class ExpertStore:
                         f"{block.name}.experts.{name} is {t.dtype} {list(t.shape)} but "
                         f"{blocks[0].name}.experts.{name} is {dtype} {[num_experts, *shape]}")
         layout = SlotLayout.build(dtype, shapes)
-        if pin_memory is None:
-            pin_memory = torch.cuda.is_available()
+        pin_memory = bool(pin_memory)
         rows = len(blocks) * num_experts
         blobs = torch.empty(rows, layout.slot_bytes, dtype=torch.uint8, pin_memory=pin_memory)
         for begin, end in layout.gaps():

@@ -381,3 +381,27 @@ def test_prefetch_from_disk_with_reader_threads(tmp_path):
     assert counts[False]["bytes_read"] == counts[False]["misses"] * blob
     on = counts[True]
     assert on["bytes_read"] == (on["misses"] + on["prefetches"]) * blob
+
+
+def test_a_cpu_pool_pins_no_host_memory_even_where_cuda_exists(monkeypatch):
+    """Was: patch() pinned the host tier whenever CUDA was available, also for a CPU model
+    (pinned memory cannot be paged out, and torch rounds each pinned block up to a power of 2)."""
+    model = hf_tiny.build("qwen3_moe")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU
+    handle = remoe_engine.patch(model, slots_per_layer=4)
+    assert not handle.store.host_blobs.is_pinned()
+    assert handle.stats()["pinned_host_bytes"] == 0
+
+
+def test_experts_on_several_devices_are_refused_before_anything_moves():
+    """A model split across devices (device_map="auto" over GPUs) is refused with a clear error
+    and left intact. On CPU the split is simulated with the meta device."""
+    model = hf_tiny.build("qwen3_moe")
+    experts = model.model.layers[3].mlp.experts
+    experts.to("meta")
+    before = {k: v.device for k, v in model.state_dict().items()}
+    with pytest.raises(NotImplementedError, match=r"experts are on several devices \(cpu: "
+                       r"layers \[0, 1, 2\]; meta: layers \[3\]\)"):
+        remoe_engine.patch(model, slots_per_layer=4)
+    assert {k: v.device for k, v in model.state_dict().items()} == before
+    assert not hasattr(model, "_remoe_patched")
