@@ -137,6 +137,13 @@ class SlotPool:
         direct_io = _DIRECT_IO.get(o_direct) if isinstance(o_direct, (bool, str)) else None
         if direct_io is None:
             raise ValueError(f"SlotPool: o_direct must be True, False or 'auto', got {o_direct!r}")
+        if (device.type == "cuda" and store.tier == "host"
+                and not store.host_blobs.is_pinned()):
+            # A copy from pageable memory is staged by the driver and can wait for the compute
+            # stream: every miss would stall. Pinned host blobs make the copies truly async.
+            raise ValueError("SlotPool: a CUDA pool needs pinned host blobs; pin them first "
+                             "(store.host_blobs = store.host_blobs.pin_memory(), or "
+                             "ExpertStore.from_model(..., pin_memory=True))")
         dtype = dtype or store.layout.dtype
         if dtype != store.layout.dtype and store.tier == "host":
             raise ValueError(f"SlotPool: the host tier holds {store.layout.dtype} blobs; convert "

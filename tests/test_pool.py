@@ -367,6 +367,8 @@ def test_cuda_pool_loads_exact_bytes(tier, tmp_path):
     store = synthetic_store(2, 12, shape=(256, 128))
     if tier != "host":
         store = ExpertStore.from_packed(store.pack(tmp_path / "c.remoe", progress=False))
+    else:
+        store.host_blobs = store.host_blobs.pin_memory()
     pool = SlotPool(store, "cuda", slots_per_layer=3, o_direct=tier == "packed_o_direct")
     assert pool.buffer.is_cuda
     for layer in store.layers:
@@ -378,9 +380,22 @@ def test_cuda_pool_loads_exact_bytes(tier, tmp_path):
 
 
 @pytest.mark.cuda
+def test_cuda_pool_refuses_pageable_host_blobs():
+    """Copies from pageable memory can wait for the compute stream: every miss would stall."""
+    store = synthetic_store(1, 4)
+    with pytest.raises(ValueError, match="a CUDA pool needs pinned host blobs"):
+        SlotPool(store, "cuda", slots_per_layer=2)
+    store.host_blobs = store.host_blobs.pin_memory()
+    pool = SlotPool(store, "cuda", slots_per_layer=2)
+    assert pool.stats()["pinned_host_bytes"] == (store.host_blobs.numel()
+                                                 + pool.num_threads * pool.slot_bytes)
+
+
+@pytest.mark.cuda
 def test_cuda_release_orders_reuse_after_pending_kernels():
     """A slot released while a long kernel still reads it is not overwritten under it."""
     store = synthetic_store(1, 4, shape=(1024, 512))
+    store.host_blobs = store.host_blobs.pin_memory()
     pool = SlotPool(store, "cuda", slots_per_layer=1)
     expert0 = store.expert_tensors(0, 0)["down_proj"].float().cuda()
     want = torch.zeros_like(expert0)
