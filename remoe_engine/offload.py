@@ -237,7 +237,7 @@ def patch(model: nn.Module, *, slots_per_layer: int | None = None,
         slots_per_layer: expert slots per MoE layer (per-layer pool scope).
         memory_budget: bytes (or "6GiB") for one global pool. Neither given: every expert fits.
         policy: eviction policy, "lru" or "lfu".
-        store: "host" (the experts move to host memory, pinned on CUDA machines).
+        store: "host" (the experts move to host memory, pinned when the model is on a GPU).
         reuse_bias: added to the selection score of preferred experts (0 = exact routing).
         bias_source: "resident" (experts in the pool) or "previous" (the previous token's).
         prefetch: at decode, guess the next MoE layer's experts with its router and start
@@ -474,7 +474,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
             experts compute in it too: a load into a slot converts once (e.g. float32 on a CPU
             without fast bf16, where it is several times faster than bf16).
         store: "disk" (read experts from the files on each miss) or "host" (read them all into
-            host memory once; pinned on CUDA machines).
+            host memory once; pinned when the device is a GPU).
         policy, reuse_bias, bias_source, prefetch: as for `patch`.
         packed: a file written by `remoe pack` to read experts from instead of the checkpoint.
         num_threads: reader threads of the pool (concurrent storage reads).

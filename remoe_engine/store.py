@@ -10,8 +10,8 @@ Three tiers feed the slot pool (`remoe_engine.pool`):
 - a packed file (`ExpertStore.from_packed`, written by `ExpertStore.pack` / `remoe pack`):
   expert-major, each expert one 4 KiB-aligned blob in slot layout, so a miss is one read (and can
   use O_DIRECT).
-- host memory (`ExpertStore.from_model`): every expert as one blob row of a host tensor, pinned on
-  CUDA machines, taken from a live transformers model.
+- host memory (`ExpertStore.from_model`): every expert as one blob row of a host tensor, pinned
+  for a pool on a GPU, taken from a live transformers model.
 
 Slot layout (`SlotLayout`): one expert is one contiguous blob holding the experts module's fused
 parameters for that expert, in its in-memory orientation, each at a 256-byte-aligned offset:
