@@ -14,7 +14,7 @@ Providers, decoding the same 32-token prompt greedily for NEW_TOKENS tokens, bat
                      that bypasses the page cache.
 at slots_per_layer in {K, 2K, E/4, E}.
 
-Every offloaded TPOT is reported next to its floor (DESIGN.md section 9):
+Every offloaded TPOT is reported next to its floor (docs/design.md section 9):
   floor = max(T_compute, bytes_fetched_per_token / B), with T_compute the fastest full-cache
   remoe TPOT and B measured in this run: O_DIRECT sequential read of the packed file (disk) or a
   host-memory copy (host).
@@ -179,7 +179,7 @@ def _write_results():
     out = os.environ.get("REMOE_BENCH_E2E_OUT")
     if not out or len(RESULTS) < 2:
         return
-    # Floors (DESIGN.md section 9), once every run is in: T_compute is the fastest full-cache
+    # Floors (docs/design.md section 9), once every run is in: T_compute is the fastest full-cache
     # remoe TPOT (no misses, so what is left is compute and overhead).
     full = [RESULTS[f"remoe_{s}-slots{E}"]["tpot_ms_p50"] for s in ("host", "disk")
             if f"remoe_{s}-slots{E}" in RESULTS]

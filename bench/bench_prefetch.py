@@ -1,11 +1,12 @@
 """Next-layer prefetch on and off: bytes read per token, hit rate and TPOT at decode.
 
-Prefetch is opt-in because it can read more than it saves (DESIGN.md section 11): each decode
-step of layer l guesses layer l+1's experts with that layer's router applied to layer l's MoE input
-and starts loading the guesses (`remoe_engine.experts`). This measures both sides on the built-in
-model, whose routers are trained (a random model's routing would be unpredictable): its experts
-streamed from a packed file with O_DIRECT (page cache bypassed), 256 held-out tokens decoded one at
-a time with the KV cache (teacher-forced, so every configuration sees the same tokens).
+Prefetch is opt-in because it can read more than it saves (another engine measured 7-18 bytes
+fetched per byte saved): each decode step of layer l guesses layer l+1's experts with that layer's
+router applied to layer l's MoE input and starts loading the guesses (`remoe_engine.experts`). This
+measures both sides on the built-in model, whose routers are trained (a random model's routing
+would be unpredictable): its experts streamed from a packed file with O_DIRECT (page cache
+bypassed), 256 held-out tokens decoded one at a time with the KV cache (teacher-forced, so every
+configuration sees the same tokens).
 
 Configurations: pool scope (per layer at 2 x top-k slots, or `remoe run`'s global 3 MiB of the
 12 MiB of experts), the router (original, or original + reuse bias 0.02 "resident", the setting

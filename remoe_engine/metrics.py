@@ -1,4 +1,4 @@
-"""Expert-reuse metrics of routing traces (DESIGN.md section 8).
+"""Expert-reuse metrics of routing traces (docs/design.md section 8).
 
 Definitions, with `E_t` the set of K experts token t chose in one MoE layer:
 
@@ -11,7 +11,7 @@ Definitions, with `E_t` the set of K experts token t chose in one MoE layer:
   trailing partial window is dropped (the zoo's model card uses the same rule).
 - Top-k agreement of two routers on the same tokens: `|E_t^ref ∩ E_t^cand| / K`, averaged.
 - KL to the reference router: `KL(P_cand || P_ref)` per token (P = softmax of the router's
-  logits), averaged: the same direction as the fine-tuning trust term of DESIGN.md section 7.
+  logits), averaged: the same direction as the fine-tuning trust term of docs/design.md section 7.
 
 Legend: L = MoE layers, N = tokens, K = top-k, E = experts, W = window length.
 """

@@ -17,7 +17,7 @@ simulator refuses instead). Other points a reader should know:
 - Prefill tokens are replayed like decode tokens, one at a time.
 - OPT is Belady's rule under the same pinning: on a miss evict the unpinned resident expert
   whose next use is farthest. It is the offline ceiling for a fixed trace.
-- Floors (DESIGN.md section 9): a token fetches `M = misses x S_e` bytes; over a link of B
+- Floors (docs/design.md section 9): a token fetches `M = misses x S_e` bytes; over a link of B
   bytes/s its time per output token is at least `M / B` (compute not included).
 
 LRU results come from one pass of LRU stack distances (`lru_sweep`), which give every cache size

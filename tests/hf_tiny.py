@@ -51,7 +51,7 @@ TINY: dict[str, dict] = {
                     head_dim=16, layer_types=["full_attention", "linear_attention"] * 2),
 }
 
-# Families beyond the eight named in DESIGN.md, on routers of the same kinds.
+# Families beyond the first eight supported, on routers of the same kinds.
 EXTRA_VARIANTS: list[tuple[str, dict]] = [
     ("glm4_moe", {}), ("dots1", {}), ("flex_olmo", {}), ("minimax", {})]
 

@@ -1,4 +1,4 @@
-"""The ReMoE loss terms against hand-computed values (DESIGN.md section 7)."""
+"""The ReMoE loss terms against hand-computed values (docs/design.md section 7)."""
 
 from __future__ import annotations
 

@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "finetune", help="fine-tune only the routers for expert reuse (the ReMoE loss)",
         description="Train only the router weights of a Hugging Face MoE checkpoint so that "
-        "consecutive tokens reuse experts (ReMoE, DESIGN.md section 7), with a trust-region KL "
-        "to the original router. Writes a checkpoint folder in which only router tensors differ "
+        "consecutive tokens reuse experts (ReMoE, docs/design.md section 7), with a trust-region "
+        "KL to the original router. Writes a checkpoint folder in which only router tensors differ "
         "from the input, plus router-delta.safetensors. Resumes from --out/remoe-state when "
         "interrupted. For many GPUs: accelerate launch -m remoe_engine finetune ...",
     )

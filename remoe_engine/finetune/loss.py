@@ -1,4 +1,4 @@
-"""The ReMoE loss (DESIGN.md section 7): reuse locality for router-only fine-tuning.
+"""The ReMoE loss (docs/design.md section 7): reuse locality for router-only fine-tuning.
 
 Per MoE layer, teacher-forced, with `P_t = softmax(router logits)` (also for sigmoid-scored
 routers such as DeepSeek-V3: the method defines the locality terms on the softmax over the E
@@ -39,8 +39,8 @@ class ReMoEConfig:
     (`bench/results/finetune-sweep.json`, `docs/img/remoe_pareto.png`, and the model card's
     section "ReMoE router fine-tuning"): the largest EOR gain whose held-out perplexity stayed
     within 1% of the original. A strong trust term (lambda_kl 10) kept runs stable across seeds;
-    the orientation recipe of DESIGN.md (lambda_kl 1, lambda_reuse 1) raised EOR far more but
-    cost over 5% perplexity on the built-in model.
+    the orientation recipe of docs/design.md section 7 (lambda_kl 1, lambda_reuse 1) raised EOR
+    far more but cost over 5% perplexity on the built-in model.
 
     Args:
         lambda_kl: weight of L_trust (KL to the frozen original router).

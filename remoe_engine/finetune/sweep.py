@@ -30,7 +30,8 @@ from remoe_engine.finetune.loss import ReMoEConfig
 
 # name -> (kind, overrides of the common settings). "control" rows are drawn differently.
 # Every setting explicit (not the ReMoEConfig defaults, which this sweep chose), so a recipe's
-# name keeps meaning what it says when the defaults change. The lambdas are DESIGN.md's orientation.
+# name keeps meaning what it says when the defaults change. The lambdas are the orientation
+# recipe of docs/design.md section 7.
 COMMON = dict(steps=150, batch=8, seq_len=128, lr=1e-3, lr_warmup=0.1, locality_warmup=0.2,
               save_every=0, lambda_kl=1.0, lambda_reuse=1.0, lambda_smooth=0.1, lambda_lag=0.05,
               lambda_ws=0.05, lags=(1, 2, 4, 8, 16), window=16, weight_decay=0.0,
@@ -355,7 +356,7 @@ def card_section(final: dict, chosen: str, sweep_doc: dict | None, compare_doc: 
              "This section was added by the ReMoE fine-tuning work (issue 7); everything above it "
              "describes the pretrained model itself.", "",
              "`router-delta.safetensors` holds only the 4 router weights [32, 128] of this model, "
-             "fine-tuned with the ReMoE loss (DESIGN.md section 7) so that consecutive tokens "
+             "fine-tuned with the ReMoE loss (docs/design.md section 7) so that consecutive tokens "
              "reuse experts. Load it with:", "", "```python",
              "import remoe_engine.zoo",
              "from remoe_engine.finetune import apply_router_delta",
