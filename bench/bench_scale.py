@@ -141,12 +141,17 @@ def layer_expert_bytes() -> int:
     return SHAPE["num_experts"] * 3 * expert_tensor_bytes()
 
 
-def meminfo(key: str) -> int:
-    with open("/proc/meminfo") as f:
+def _proc_bytes(path: str, key: str) -> int:
+    """A "Key:  N kB" line of a /proc file, in bytes."""
+    with open(path) as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    raise KeyError(f"{key} in {path}")
+
+
+def meminfo(key: str) -> int:
+    return _proc_bytes("/proc/meminfo", key)
 
 
 def make_config(layers: int):
@@ -498,11 +503,7 @@ def pool_read_bandwidth(store, budget: str, threads: int, count: int, seed: int,
 
 
 def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    return _proc_bytes("/proc/self/status", key)
 
 
 def _rss_parts() -> dict:
