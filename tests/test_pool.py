@@ -460,3 +460,22 @@ def test_large_packed_blobs_are_checksummed_chunk_by_chunk(tmp_path, damage):
     with pytest.raises(RuntimeError, match=match):
         pool.acquire(1, [2, 1])
     assert 2 not in pool.resident(1) and pool.pins(1) == {}
+
+
+def test_large_packed_blobs_convert_chunk_by_chunk_into_float32_slots(tmp_path):
+    """The chunked checksummed read also converts each chunk as it arrives (fp16 file, fp32
+    slots): every tensor lands converted exactly as torch's .to(float32) does."""
+    store = synthetic_store(1, 3, shape=(512, 1024))  # fp16, 3 MiB blobs
+    path = store.pack(tmp_path / "big.remoe", progress=False)
+    if not _direct_io_supported(path):
+        pytest.skip("the filesystem of tmp_path refuses O_DIRECT")
+    pool = SlotPool(ExpertStore.from_packed(path), slots_per_layer=3, o_direct=True,
+                    dtype=torch.float32)
+    assert pool.dtype == torch.float32
+    with pool.pinned(0, [0, 1, 2]) as slots:
+        for e, s in enumerate(slots.tolist()):
+            got, want = pool.slot_tensors(s), store.expert_tensors(0, e)
+            for name, tensor in want.items():
+                # Bitwise (random bytes include NaNs, which torch.equal never calls equal).
+                assert torch.equal(got[name].view(torch.int32),
+                                   tensor.to(torch.float32).view(torch.int32)), (e, name)

@@ -93,7 +93,29 @@ void convert_from(at::ScalarType to, const uint8_t* src, uint8_t* dst, int64_t n
   }
 }
 
+// bf16 <-> fp32 as plain integer loops the compiler vectorizes (the c10 element conversions go
+// through memcpy per element and did not: ~2.7 GB/s, slower than the disk it follows).
+void bf16_to_fp32(const uint8_t* src, uint8_t* dst, int64_t n) {
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(in[i]) << 16;
+}
+
+void fp32_to_bf16(const uint8_t* src, uint8_t* dst, int64_t n) {
+  const uint32_t* in = reinterpret_cast<const uint32_t*>(src);
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t x = in[i];
+    // Round to nearest even, as c10::BFloat16 does; a NaN stays a (quiet) NaN.
+    const uint32_t rounded = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
+    const bool nan = (x & 0x7FFFFFFFu) > 0x7F800000u;
+    out[i] = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+  }
+}
+
 void convert(at::ScalarType from, at::ScalarType to, const uint8_t* src, uint8_t* dst, int64_t n) {
+  if (from == at::kBFloat16 && to == at::kFloat) return bf16_to_fp32(src, dst, n);
+  if (from == at::kFloat && to == at::kBFloat16) return fp32_to_bf16(src, dst, n);
   switch (from) {
     case at::kFloat: return convert_from<float>(to, src, dst, n);
     case at::kBFloat16: return convert_from<c10::BFloat16>(to, src, dst, n);
@@ -599,19 +621,24 @@ void SlotPool::run_load(const Job& job) {
       // need a dtype conversion first.
       uint8_t* land = convert_.empty() ? target : landing_[worker]->data;
       const bool check = !crc_expected_.empty() && verify_.load(std::memory_order_relaxed);
+      bool converted = false;
       uint32_t crc = check ? crc_seed_[k] : 0;
       int64_t nread = 0, extent = 0;
       const ReadRun& first = runs_[k].front();
       const ReadRun::Piece& piece = first.pieces.front();
       if (check && runs_[k].size() == 1 && first.zero_copy && piece.slot_offset == 0 &&
           first.length == land_bytes_) {
-        // A packed blob on an O_DIRECT file: read it as concurrent chunks and checksum each one
-        // as it arrives, so only the last chunk's checksum adds to the load's latency.
+        // A packed blob on an O_DIRECT file: read it as concurrent chunks and checksum (and
+        // convert) each one as it arrives, so only the last chunk's work adds to the latency.
+        // Converted bytes may land in the slot before the whole blob is verified: a failed
+        // check frees the slot, so they never become resident.
         nread = files_.read_direct_chunked(
             first.file_id, first.begin, first.length, land, labels_[piece.label],
-            kChecksumChunk, [&crc](const uint8_t* p, int64_t n) {
+            kChecksumChunk, [&](const uint8_t* p, int64_t n) {
               crc = crc32c(p, static_cast<size_t>(n), crc);
+              if (!convert_.empty()) convert_range(land, target, p - land, p - land + n);
             });
+        converted = !convert_.empty();
         if (nread < first.length) {
           files_.throw_truncated(first.file_id, labels_[piece.label], first.begin,
                                  first.begin + first.length);
@@ -632,10 +659,7 @@ void SlotPool::run_load(const Job& job) {
         throw std::runtime_error(msg.str());
       }
       if (!convert_.empty()) {
-        for (const ConvertStep& step : convert_) {
-          convert(src_dtype_, dst_dtype_, land + step.src_offset, target + step.dst_offset,
-                  step.numel);
-        }
+        if (!converted) convert_range(land, target, 0, land_bytes_);
         extent = dst_extent_;
       }
       count(job.layer, kBytesCopied, engine_->commit_read(job.slot, worker, extent));
@@ -659,6 +683,20 @@ void SlotPool::run_load(const Job& job) {
       count(job.layer, kLoadFailures, 1);
     }
     job.ticket->finish(LoadTicket::State::kFailed, msg.str());
+  }
+}
+
+void SlotPool::convert_range(const uint8_t* land, uint8_t* target, int64_t begin,
+                             int64_t end) const {
+  const int64_t in = c10::elementSize(src_dtype_), out = c10::elementSize(dst_dtype_);
+  for (const ConvertStep& step : convert_) {
+    // The part of this tensor inside [begin, end) of the source layout. Chunk bounds are
+    // multiples of 4 KiB and tensors start 256-aligned, so both ends fall on whole elements.
+    const int64_t lo = std::max(begin, step.src_offset);
+    const int64_t hi = std::min(end, step.src_offset + step.numel * in);
+    if (lo >= hi) continue;
+    const int64_t first = (lo - step.src_offset) / in, count = (hi - lo) / in;
+    convert(src_dtype_, dst_dtype_, land + lo, target + step.dst_offset + first * out, count);
   }
 }
 

@@ -192,6 +192,9 @@ class SlotPool : public torch::CustomClassHolder {
                    int64_t freq, bool prefetched);
   void launch(std::vector<Job>& jobs);
   void run_load(const Job& job);
+  // Converts the bytes [begin, end) of the source layout in `land` into the slot layout at
+  // `target` (the parts of each tensor that fall in the range).
+  void convert_range(const uint8_t* land, uint8_t* target, int64_t begin, int64_t end) const;
   // Reads expert `k`'s runs into `land` on reader `worker`; returns (bytes read, extent).
   std::pair<int64_t, int64_t> read_runs(int64_t k, int worker, uint8_t* land);
   bool has_sources_locked() const { return !runs_.empty() || host_blobs_.defined(); }
