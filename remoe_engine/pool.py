@@ -335,11 +335,15 @@ class SlotPool:
 
     def stats(self) -> dict:
         """Counters (module docstring), summed over layers, plus `hit_rate` and `per_layer`.
+        Waits first for loads still in flight (at most a few reads), so the counters agree.
 
         Returns:
             {"hits": int, ..., "stall_s": float, "hit_rate": float,
              "per_layer": {layer: {same keys}}}
         """
+        # Loads nobody waits for (a prefetch guessed wrong) may still be reading: let them
+        # finish, so bytes_read and prefetches describe the same loads.
+        self._pool.drain()
         table = self._pool.stats()  # [L, len(COUNTERS)] int64
 
         def row(values: list[int]) -> dict:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import hf_tiny
 import pytest
@@ -313,6 +314,9 @@ def test_shard_changed_between_header_and_open_is_refused(tmp_path):
     shard = tmp_path / "model.safetensors"
     tensors = load_file(shard)
     tensors["model.layers.0.block_sparse_moe.experts.0.w1.weight"].neg_()
+    # File times tick at the kernel's coarse clock (a few ms): a rewrite within the same tick as
+    # save_pretrained would keep its mtime. A real change comes later than that; so does this.
+    time.sleep(0.05)
     save_file(tensors, shard, metadata={"format": "pt"})  # same layout, other bytes
     with pytest.raises(StoreError, match=r"model\.safetensors' changed after its header was read"):
         SlotPool(store, slots_per_layer=2)

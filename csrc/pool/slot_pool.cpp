@@ -768,6 +768,17 @@ at::Tensor SlotPool::stats() {
   return out;
 }
 
+void SlotPool::drain() {
+  std::vector<std::shared_ptr<LoadTicket>> pending;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Slot& slot : slots_) {
+      if (slot.load) pending.push_back(slot.load);
+    }
+  }
+  for (const auto& ticket : pending) ticket->wait();  // outside the lock: loads take it
+}
+
 void SlotPool::reset_stats() {
   for (int64_t i = 0; i < num_layers_ * kNumCounters; ++i) counters_[i].store(0);
 }
@@ -798,6 +809,7 @@ void register_slot_pool(torch::Library& m) {
       .def("pins", &SlotPool::pins)
       .def("stats", &SlotPool::stats)
       .def("reset_stats", &SlotPool::reset_stats)
+      .def("drain", &SlotPool::drain)
       .def("buffer", &SlotPool::buffer)
       .def("num_slots", &SlotPool::num_slots)
       .def("slot_bytes", &SlotPool::slot_bytes);

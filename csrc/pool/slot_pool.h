@@ -153,6 +153,9 @@ class SlotPool : public torch::CustomClassHolder {
   at::Tensor residency(int64_t layer);  // [E] int64: slot of each expert, -1 if not resident
   at::Tensor pins(int64_t layer);       // [E] int64: pin count of each expert (0 if not resident)
   at::Tensor stats();                   // [L, kNumCounters] int64, see Counter
+  // Blocks until every load started so far has finished or failed (e.g. prefetches nobody
+  // waited for), so counters read afterwards include all of them.
+  void drain();
   void reset_stats();
   at::Tensor buffer() const { return engine_->slots(); }  // [S, B] uint8
   int64_t num_slots() const { return num_slots_; }
