@@ -132,21 +132,16 @@ def _restore_experts(blocks: list[MoEBlock], store, devices: list[torch.device],
 def _host_copy(store, dtype: torch.dtype, pin_memory: bool):
     """A host-tier copy of a disk-tier store in `dtype` (every expert read once into host
     memory; a packed store's blobs are checked against their CRC32C on the way)."""
-    from remoe_engine.store import ExpertStore, SlotLayout, StoreError, blob_checksum
+    from remoe_engine.store import ExpertStore, SlotLayout
 
     E = store.num_experts
     layout = store.layout if dtype == store.layout.dtype else SlotLayout.build(
         dtype, [(t.name, t.shape) for t in store.layout.tensors])
-    checks = store.blob_checksums()
     blobs = torch.zeros(len(store.layers) * E, layout.slot_bytes, dtype=torch.uint8,
                         pin_memory=pin_memory)
     for i, layer in enumerate(store.layers):
         for e in range(E):
-            blob = store.read_expert(layer, e)
-            if checks is not None and blob_checksum(layer, e, blob) != int(checks[i * E + e, 1]):
-                raise StoreError(f"'{store.source}': expert blob (layer {layer}, expert {e}) "
-                                 "fails its CRC32C check: the file is corrupt or was changed "
-                                 "after packing; run `remoe pack` again")
+            blob = store.read_checked(layer, e)
             if layout is store.layout:
                 blobs[i * E + e].copy_(blob)
             else:

@@ -192,7 +192,7 @@ class SlotPool:
             # it; this closes the gap between reading the headers and opening the files.
             store.check_unchanged()
             self._pool.set_file_sources(table, labels)
-            checks = store.blob_checksums() if hasattr(store, "blob_checksums") else None
+            checks = store.blob_checksums()
             if checks is not None:
                 self._pool.set_checksums(checks)
         self._pool.set_verify(bool(verify_checksums))

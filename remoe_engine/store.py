@@ -912,15 +912,27 @@ class ExpertStore:
         """
         if self._crc32c is None:
             raise ValueError("verify: only packed stores carry checksums")
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             for e in range(self.num_experts):
-                crc = blob_checksum(layer, e, self.read_expert(layer, e))
-                want = self._crc32c[i * self.num_experts + e]
-                if crc != want:
-                    raise StoreError(f"'{self.source}' is corrupt: expert blob (layer {layer}, "
-                                     f"expert {e}) has CRC32C {crc:08x}, the header says "
-                                     f"{want:08x} (damaged, or not the blob the header "
-                                     "describes)")
+                self.read_checked(layer, e)
+
+    def read_checked(self, layer: int, expert: int) -> torch.Tensor:
+        """`read_expert`, and for a packed store the blob's keyed CRC32C checked too.
+
+        Raises:
+            StoreError: naming the file and the blob whose bytes fail their checksum.
+        """
+        blob = self.read_expert(layer, expert)
+        if self._crc32c is not None:
+            crc = blob_checksum(layer, expert, blob)
+            want = self._crc32c[self.layer_position(layer) * self.num_experts + expert]
+            if crc != want:
+                raise StoreError(
+                    f"'{self.source}' is corrupt: expert blob (layer {layer}, expert {expert}) "
+                    f"has CRC32C {crc:08x}, the header says {want:08x}: it fails its CRC32C "
+                    "check (damaged, or not the blob the header describes); run `remoe pack` "
+                    "again")
+        return blob
 
 
 def _check_version(path: str, version: int) -> None:

@@ -22,8 +22,6 @@ thread_local int tls_worker_index = -1;
 
 std::string errno_text(int err) { return std::string(std::strerror(err)) + " (errno " + std::to_string(err) + ")"; }
 
-bool aligned(int64_t value) { return value % kDirectIoAlign == 0; }
-
 }  // namespace
 
 FileSet::~FileSet() {
@@ -78,12 +76,12 @@ int64_t FileSet::add(const std::string& path) {
 
 namespace {
 
-// pread until `need` bytes are in (at most `nbytes`); returns the count, which is < need only at
-// the end of the file. Throws on an I/O error.
-int64_t pread_loop(int fd, int64_t offset, int64_t nbytes, int64_t need, uint8_t* dst,
-                   const std::string& path, const std::string& what) {
+// pread until `nbytes` are in; returns the count, which is less only at the end of the file.
+// Throws on an I/O error.
+int64_t pread_loop(int fd, int64_t offset, int64_t nbytes, uint8_t* dst, const std::string& path,
+                   const std::string& what) {
   int64_t done = 0;
-  while (done < need) {
+  while (done < nbytes) {
     // pread may return fewer bytes than asked (signals, large requests): loop until done.
     const ssize_t n = ::pread(fd, dst + done, static_cast<size_t>(nbytes - done),
                               static_cast<off_t>(offset + done));
@@ -104,10 +102,7 @@ int64_t pread_loop(int fd, int64_t offset, int64_t nbytes, int64_t need, uint8_t
 void FileSet::read_exact(int64_t id, int64_t offset, int64_t nbytes, uint8_t* dst,
                          const std::string& what) const {
   const File& f = files_.at(id);
-  const bool direct = f.direct_fd >= 0 && aligned(offset) && aligned(nbytes) &&
-                      aligned(static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst)));
-  const int fd = direct ? f.direct_fd : f.fd;
-  if (pread_loop(fd, offset, nbytes, nbytes, dst, f.path, what) < nbytes) {
+  if (pread_loop(f.fd, offset, nbytes, dst, f.path, what) < nbytes) {
     throw_truncated(id, what, offset, offset + nbytes);
   }
 }
@@ -115,7 +110,7 @@ void FileSet::read_exact(int64_t id, int64_t offset, int64_t nbytes, uint8_t* ds
 int64_t FileSet::read_direct(int64_t id, int64_t offset, int64_t nbytes, uint8_t* dst,
                              const std::string& what) const {
   const File& f = files_.at(id);
-  return pread_loop(f.direct_fd, offset, nbytes, nbytes, dst, f.path, what);
+  return pread_loop(f.direct_fd, offset, nbytes, dst, f.path, what);
 }
 
 namespace {

@@ -41,9 +41,8 @@ class FileSet {
   // Whether file `id` is read with O_DIRECT.
   bool direct(int64_t id) const { return files_.at(id).direct_fd >= 0; }
 
-  // Reads exactly `nbytes` at `offset` of file `id` into `dst`. Uses the O_DIRECT descriptor when
-  // offset, length and destination are all kDirectIoAlign-aligned, else the buffered one. `what`
-  // names the tensor or blob for error messages. Throws std::runtime_error naming the file, the
+  // Reads exactly `nbytes` at `offset` of file `id` into `dst` through the buffered descriptor
+  // (O_DIRECT reads go through read_direct). `what` names the tensor or blob for error messages. Throws std::runtime_error naming the file, the
   // tensor and the byte range on a short read (truncated file) or I/O error.
   void read_exact(int64_t id, int64_t offset, int64_t nbytes, uint8_t* dst,
                   const std::string& what) const;
