@@ -284,6 +284,70 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class _Corpus:
+    """The run's text, split and tokenized: what training, evaluation and the card read.
+
+    Args:
+        files / train_files / held_files: every discovered `data.TextFile`, and the split.
+        tokenizer: the BPE tokenizer, trained on the training files only.
+        train_ids / held_ids: int32 [N] token streams, each file followed by end-of-text.
+        held_wins: int64 [W, S] every full held-out window (S = seq_len).
+        slice_wins: int64 [W', S] the first `slice_tokens` of them, shipped with the checkpoint.
+    """
+
+    files: list
+    train_files: list
+    held_files: list
+    tokenizer: object
+    train_ids: torch.Tensor
+    held_ids: torch.Tensor
+    held_wins: torch.Tensor
+    slice_wins: torch.Tensor
+
+
+@dataclass
+class _Trained:
+    """What the training loop leaves for the card and the loss curve.
+
+    Args:
+        history: per step, {"step", "ce", "aux", "grad_norm"}.
+        held_curve: (step, held-out CE on the first 16 slice windows) points.
+        stopped_early: the `minutes` cap ended training before `steps`.
+        wall_s: seconds spent in the loop.
+        final_train_loss: mean CE of the last 50 steps (fewer if fewer ran).
+    """
+
+    history: list[dict]
+    held_curve: list[tuple[int, float]]
+    stopped_early: bool
+    wall_s: float
+    final_train_loss: float
+
+    @property
+    def steps_done(self) -> int:
+        return len(self.history)
+
+
+@dataclass
+class _Evaluation:
+    """The saved checkpoint's figures, measured on the checkpoint as reloaded from disk.
+
+    Args:
+        model: the reloaded `AutoModelForCausalLM`.
+        ppl_full / ppl_slice: `evaluate`'s perplexity dicts on all held-out windows / the slice.
+        routing_full / routing_slice: `evaluate`'s routing statistics on the same windows.
+        sample: the greedy continuation of `SAMPLE_PROMPT`, prompt included.
+    """
+
+    model: object
+    ppl_full: dict
+    ppl_slice: dict
+    routing_full: object
+    routing_slice: object
+    sample: str
+
+
 def run(cfg: TrainConfig, log=print) -> dict:
     """Train, save, evaluate the saved checkpoint and write its card.
 
@@ -298,17 +362,43 @@ def run(cfg: TrainConfig, log=print) -> dict:
         ZooError: bad config or unusable data folder.
     """
     cfg.validate()
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out = pathlib.Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    # ---- data
+    corpus = _prepare_corpus(cfg, log)
+    _seed_everything(cfg.seed)
+    model = build_model(cfg, corpus.tokenizer.eos_token_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: Qwen3-MoE {cfg.layers} layers x {cfg.experts} experts (top-{cfg.top_k}), "
+        f"hidden {cfg.hidden}, {n_params / 1e6:.2f}M parameters")
+    trained = _train(model, corpus, cfg, log)
+    _save_checkpoint(model, corpus, out)
+    evaluation = _evaluate_checkpoint(out, corpus, cfg, log)
+
+    card = _card_dict(cfg, corpus, n_params, trained, evaluation, time.perf_counter() - t_start)
+    plot_loss(trained.history, trained.held_curve, out / "loss_curve.png",
+              title=f"{cfg.name}: {card['summary']}")
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / "MODEL_CARD.md").write_text(render_card(card))
+    return card
+
+
+def _prepare_corpus(cfg: TrainConfig, log) -> _Corpus:
+    """Read and split the files, train the tokenizer, tokenize both shares and cut windows.
+
+    Args:
+        cfg: the run's config.
+        log: callable taking one line of progress text.
+
+    Returns:
+        The `_Corpus`.
+
+    Raises:
+        ZooError: unusable data folder, or too little text for one training or held-out window.
+    """
     files = zdata.discover(cfg.data, cfg.suffixes)
     train_files, held_files = zdata.split(files, cfg.held_out_fraction, cfg.seed)
     train_texts = [f.read() for f in train_files]
@@ -316,8 +406,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
     log(f"data: {len(files)} files ({len(train_files)} train, {len(held_files)} held out), "
         f"{sum(map(len, train_texts)) / 1e6:.1f}M train characters")
 
-    # ---- tokenizer (trained on the training files only, so held-out text is unseen)
     t0 = time.perf_counter()
+    # Trained on the training files only, so held-out text is unseen.
     tokenizer = train_tokenizer(train_texts, cfg.vocab)
     train_ids = encode_files(tokenizer, train_texts)
     held_ids = encode_files(tokenizer, held_texts)
@@ -329,57 +419,112 @@ def run(cfg: TrainConfig, log=print) -> dict:
     if held_ids.numel() < cfg.seq_len:
         raise ZooError(f"held-out text is only {held_ids.numel()} tokens; need at least "
                        f"--seq-len {cfg.seq_len} (add files or raise --held-out-fraction)")
-    held_wins = windows(held_ids, cfg.seq_len)
-    slice_wins = windows(held_ids, cfg.seq_len, cfg.slice_tokens)
-    monitor_wins = slice_wins[:16]
+    return _Corpus(
+        files=files, train_files=train_files, held_files=held_files, tokenizer=tokenizer,
+        train_ids=train_ids, held_ids=held_ids,
+        held_wins=windows(held_ids, cfg.seq_len),
+        slice_wins=windows(held_ids, cfg.seq_len, cfg.slice_tokens),
+    )
 
-    # ---- model and optimiser
-    _seed_everything(cfg.seed)
-    model = build_model(cfg, tokenizer.eos_token_id)
-    n_params = sum(p.numel() for p in model.parameters())
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weight matrices only.
+
+    Args:
+        model: the model to train.
+        cfg: the run's config (lr, weight_decay).
+
+    Returns:
+        The optimizer.
+    """
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms: decaying them only hurts
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95),
     )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    max_start = train_ids.numel() - cfg.seq_len - 1
-    log(f"model: Qwen3-MoE {cfg.layers} layers x {cfg.experts} experts (top-{cfg.top_k}), "
-        f"hidden {cfg.hidden}, {n_params / 1e6:.2f}M parameters")
 
-    # ---- training
+
+def _random_batch(train_ids: torch.Tensor, cfg: TrainConfig,
+                  gen: torch.Generator) -> torch.Tensor:
+    """Uniformly random windows of the training stream.
+
+    Crossing file ends is fine: the end-of-text token separates files, as at inference.
+
+    Args:
+        train_ids: int32 [N] training stream.
+        cfg: the run's config (batch, seq_len).
+        gen: the run's batch-sampling generator (advanced by one draw).
+
+    Returns:
+        int64 [B, S] token windows.
+    """
+    max_start = train_ids.numel() - cfg.seq_len - 1
+    starts = torch.randint(0, max_start + 1, (cfg.batch,), generator=gen)
+    return torch.stack([train_ids[s : s + cfg.seq_len] for s in starts.tolist()]).long()
+
+
+def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor,
+                cfg: TrainConfig) -> tuple[float, float, float]:
+    """One optimizer step on next-token cross-entropy plus the per-layer balance loss.
+
+    Args:
+        model: the model being trained.
+        opt: its optimizer, learning rate already set for this step.
+        batch: int64 [B, S] token windows.
+        cfg: the run's config (top_k, aux_coef, grad_clip).
+
+    Returns:
+        (cross-entropy, balance loss, gradient norm before clipping).
+    """
+    # The held-out checks between steps leave the model in eval mode.
+    model.train()
+    outputs = model(input_ids=batch, use_cache=False, output_router_logits=True)
+    logits = outputs.logits  # [B, S, V]
+    ce_loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+    )
+    aux_loss = balance_loss(outputs.router_logits, cfg.top_k)
+    (ce_loss + cfg.aux_coef * aux_loss).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(ce_loss.detach()), float(aux_loss.detach()), float(grad_norm)
+
+
+def _train(model: torch.nn.Module, corpus: _Corpus, cfg: TrainConfig, log) -> _Trained:
+    """Pretrain the model in place for `cfg.steps` steps or until the `minutes` cap.
+
+    Args:
+        model: freshly built by `build_model`, after the run's seed was set.
+        corpus: the run's `_Corpus`.
+        cfg: the run's config.
+        log: callable taking one line of progress text.
+
+    Returns:
+        The `_Trained` record.
+    """
+    from tqdm.auto import tqdm
+
+    opt = _optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    monitor_wins = corpus.slice_wins[:16]
     history: list[dict] = []
     held_curve: list[tuple[int, float]] = []
     t_train = time.perf_counter()
     stopped_early = False
     bar = tqdm(range(cfg.steps), desc="train", disable=not cfg.progress, mininterval=2.0)
-    step = 0
     for step in bar:
         if cfg.minutes is not None and time.perf_counter() - t_train > cfg.minutes * 60:
             stopped_early = True
             log(f"time cap of {cfg.minutes} min reached after {step} steps")
             break
-        model.train()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        # Uniform random windows over the training stream (crossing file ends is fine: the
-        # end-of-text token separates files, as at inference).
-        starts = torch.randint(0, max_start + 1, (cfg.batch,), generator=gen)
-        batch = torch.stack([train_ids[s : s + cfg.seq_len] for s in starts.tolist()]).long()
-        outputs = model(input_ids=batch, use_cache=False, output_router_logits=True)
-        logits = outputs.logits  # [B, S, V]
-        ce_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-        )
-        aux_loss = balance_loss(outputs.router_logits, cfg.top_k)
-        (ce_loss + cfg.aux_coef * aux_loss).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ce, aux = float(ce_loss.detach()), float(aux_loss.detach())
-        history.append({"step": step + 1, "ce": ce, "aux": aux, "grad_norm": float(grad_norm)})
+        batch = _random_batch(corpus.train_ids, cfg, gen)
+        ce, aux, grad_norm = _train_step(model, opt, batch, cfg)
+        history.append({"step": step + 1, "ce": ce, "aux": aux, "grad_norm": grad_norm})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             held = perplexity(model, monitor_wins)["nll"]
             held_curve.append((step + 1, held))
@@ -387,25 +532,54 @@ def run(cfg: TrainConfig, log=print) -> dict:
                 f"held-out CE {held:.3f} ({time.perf_counter() - t_train:.0f}s)")
         bar.set_postfix(ce=f"{ce:.3f}", aux=f"{aux:.3f}", refresh=False)
     bar.close()
-    steps_done = len(history)
     train_wall = time.perf_counter() - t_train
-    tail = history[-min(50, steps_done):]
-    final_train_loss = sum(h["ce"] for h in tail) / len(tail)
+    tail = history[-min(50, len(history)):]
+    return _Trained(history=history, held_curve=held_curve, stopped_early=stopped_early,
+                    wall_s=train_wall, final_train_loss=sum(h["ce"] for h in tail) / len(tail))
 
-    # ---- save: a plain inference checkpoint (router logits off by default; fp32 weights)
+
+def _save_checkpoint(model: torch.nn.Module, corpus: _Corpus, out: pathlib.Path) -> None:
+    """Write model, tokenizer and the held-out slice's token ids into `out`.
+
+    Args:
+        model: the trained model (its config is switched to plain inference).
+        corpus: the run's `_Corpus` (tokenizer, slice windows).
+        out: the checkpoint directory.
+    """
+    from safetensors.torch import save_file
+
+    # Users load it for inference: router logits off by default, greedy generation; fp32 weights.
     model.config.output_router_logits = False
     model.generation_config.do_sample = False
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    save_file({"input_ids": slice_wins.to(torch.int32).contiguous()},
+    corpus.tokenizer.save_pretrained(out)
+    save_file({"input_ids": corpus.slice_wins.to(torch.int32).contiguous()},
               str(out / "heldout_slice.safetensors"))
 
-    # ---- evaluate what was stored, loaded the way users load it
+
+def _evaluate_checkpoint(out: pathlib.Path, corpus: _Corpus, cfg: TrainConfig,
+                         log) -> _Evaluation:
+    """Perplexity, routing statistics and a greedy sample of the checkpoint in `out`.
+
+    The card describes what was stored, so the checkpoint is reloaded the way users load it
+    rather than measured in memory.
+
+    Args:
+        out: the checkpoint directory.
+        corpus: the run's `_Corpus` (held-out and slice windows).
+        cfg: the run's config (block).
+        log: callable taking one line of progress text.
+
+    Returns:
+        The `_Evaluation`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     t0 = time.perf_counter()
-    ppl_full, routing_full = evaluate(reloaded, held_wins, block=cfg.block)
-    ppl_slice, routing_slice = evaluate(reloaded, slice_wins, block=cfg.block)
+    ppl_full, routing_full = evaluate(reloaded, corpus.held_wins, block=cfg.block)
+    ppl_slice, routing_slice = evaluate(reloaded, corpus.slice_wins, block=cfg.block)
     log(f"evaluation: {time.perf_counter() - t0:.0f}s")
     sample_ids = tok(SAMPLE_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -414,20 +588,25 @@ def run(cfg: TrainConfig, log=print) -> dict:
     log(f"held-out perplexity {ppl_full['perplexity']:.3f} ({ppl_full['predicted_tokens']:,} "
         f"tokens), EOR {routing_full.eor:.3f}, "
         f"distinct/{cfg.block} {routing_full.distinct_mean:.2f}")
-
-    card = _card_dict(cfg, files, train_files, held_files, train_ids, held_ids, n_params,
-                      steps_done, stopped_early, train_wall, time.perf_counter() - t_start,
-                      final_train_loss, ppl_full, ppl_slice, routing_full, routing_slice,
-                      sample, reloaded)
-    plot_loss(history, held_curve, out / "loss_curve.png", title=f"{cfg.name}: {card['summary']}")
-    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    (out / "MODEL_CARD.md").write_text(render_card(card))
-    return card
+    return _Evaluation(model=reloaded, ppl_full=ppl_full, ppl_slice=ppl_slice,
+                       routing_full=routing_full, routing_slice=routing_slice, sample=sample)
 
 
-def _card_dict(cfg, files, train_files, held_files, train_ids, held_ids, n_params, steps_done,
-               stopped_early, train_wall, total_wall, final_train_loss, ppl_full, ppl_slice,
-               routing_full, routing_slice, sample, model) -> dict:
+def _card_dict(cfg: TrainConfig, corpus: _Corpus, n_params: int, trained: _Trained,
+               evaluation: _Evaluation, total_wall: float) -> dict:
+    """The card's figures and provenance, as written to card.json.
+
+    Args:
+        cfg: the run's config.
+        corpus: the run's `_Corpus`.
+        n_params: the model's parameter count.
+        trained: the training loop's record.
+        evaluation: the saved checkpoint's figures.
+        total_wall: seconds from the start of the run to the end of evaluation.
+
+    Returns:
+        The card dict `render_card` renders.
+    """
     import tokenizers
     import transformers
 
@@ -439,11 +618,11 @@ def _card_dict(cfg, files, train_files, held_files, train_ids, held_ids, n_param
     config_dict["data"] = None if cfg.data is None else str(cfg.data)
     return {
         "name": cfg.name,
-        "summary": (f"held-out ppl {ppl_full['perplexity']:.2f}, EOR {routing_full.eor:.3f}, "
-                    f"{steps_done} steps"),
+        "summary": (f"held-out ppl {evaluation.ppl_full['perplexity']:.2f}, "
+                    f"EOR {evaluation.routing_full.eor:.3f}, {trained.steps_done} steps"),
         "architecture": {
-            "model_type": model.config.model_type,
-            "class": type(model).__name__,
+            "model_type": evaluation.model.config.model_type,
+            "class": type(evaluation.model).__name__,
             "layers": cfg.layers, "experts": cfg.experts, "top_k": cfg.top_k,
             "hidden": cfg.hidden, "moe_intermediate": cfg.moe_intermediate,
             "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
@@ -459,17 +638,19 @@ def _card_dict(cfg, files, train_files, held_files, train_ids, held_ids, n_param
                                          else list(zdata.DEFAULT_TEXT_SUFFIXES)),
             "skipped_dirs": sorted(zdata.ALWAYS_SKIP_DIRS | (zdata.STDLIB_SKIP_DIRS
                                                              if cfg.data is None else set())),
-            "files": len(files), "train_files": len(train_files),
-            "held_out_files": len(held_files),
+            "files": len(corpus.files), "train_files": len(corpus.train_files),
+            "held_out_files": len(corpus.held_files),
             "held_out_fraction": cfg.held_out_fraction, "split_seed": cfg.seed,
-            "train_tokens": int(train_ids.numel()), "held_out_tokens": int(held_ids.numel()),
-            "held_out_names": [f.name for f in held_files],
+            "train_tokens": int(corpus.train_ids.numel()),
+            "held_out_tokens": int(corpus.held_ids.numel()),
+            "held_out_names": [f.name for f in corpus.held_files],
         },
         "training": {
-            "steps": steps_done, "steps_planned": cfg.steps, "stopped_early": stopped_early,
+            "steps": trained.steps_done, "steps_planned": cfg.steps,
+            "stopped_early": trained.stopped_early,
             "batch": cfg.batch, "seq_len": cfg.seq_len,
-            "tokens_seen": steps_done * cfg.batch * cfg.seq_len,
-            "epochs": steps_done * cfg.batch * cfg.seq_len / train_ids.numel(),
+            "tokens_seen": trained.steps_done * cfg.batch * cfg.seq_len,
+            "epochs": trained.steps_done * cfg.batch * cfg.seq_len / corpus.train_ids.numel(),
             "optimizer": f"AdamW(betas=(0.9, 0.95), weight_decay={cfg.weight_decay} on matrices)",
             "lr": cfg.lr, "warmup": cfg.warmup,
             "schedule": f"linear warm-up, cosine to {cfg.min_lr_ratio} x lr",
@@ -478,27 +659,28 @@ def _card_dict(cfg, files, train_files, held_files, train_ids, held_ids, n_param
                        "separately and averaged over layers (transformers' built-in version "
                        "pools all layers' tokens, which lets a single layer leave experts idle)",
             "threads": torch.get_num_threads(),
-            "train_wall_s": round(train_wall, 1), "total_wall_s": round(total_wall, 1),
-            "final_train_loss": final_train_loss,
+            "train_wall_s": round(trained.wall_s, 1), "total_wall_s": round(total_wall, 1),
+            "final_train_loss": trained.final_train_loss,
             "final_train_loss_definition": "mean cross-entropy (nats/token, aux loss excluded) "
                                            "of the last 50 training batches",
         },
         "eval": {
-            "perplexity_held_out": ppl_full,
-            "perplexity_slice": ppl_slice,
-            "routing_held_out": routing_full.to_dict(),
-            "routing_slice": routing_slice.to_dict(),
+            "perplexity_held_out": evaluation.ppl_full,
+            "perplexity_slice": evaluation.ppl_slice,
+            "routing_held_out": evaluation.routing_full.to_dict(),
+            "routing_slice": evaluation.routing_slice.to_dict(),
             "max_share_bound": MAX_SHARE_FACTOR / cfg.experts,
             "slice_file": "heldout_slice.safetensors",
         },
         "sample": {"prompt": SAMPLE_PROMPT, "decoding": "greedy", "max_new_tokens": 96,
-                   "text": sample},
+                   "text": evaluation.sample},
         "command": command_for(cfg),
         "config": config_dict,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__, "machine": platform.machine()},
     }
+
 
 
 def plot_loss(history: list[dict], held_curve: list[tuple[int, float]], path: pathlib.Path,
@@ -548,15 +730,24 @@ def render_card(card: dict) -> str:
     Returns:
         Markdown text.
     """
-    a, d, t, e = card["architecture"], card["data"], card["training"], card["eval"]
-    pf, ps = e["perplexity_held_out"], e["perplexity_slice"]
-    rf, rs = e["routing_held_out"], e["routing_slice"]
+    sections = (_card_intro, _card_architecture, _card_data, _card_training, _card_evaluation,
+                _card_sample, _card_reproduce)
+    return "\n".join(section(card) for section in sections)
 
-    def floats(xs: list[float], fmt: str = ".3f") -> str:
-        return ", ".join(format(x, fmt) for x in xs)
 
-    src = ("the Python standard library's sources" if d["source"] == "python-stdlib"
-           else f"the text files under `{d['source']}`")
+def _floats(xs: list[float], fmt: str = ".3f") -> str:
+    return ", ".join(format(x, fmt) for x in xs)
+
+
+def _source_phrase(d: dict) -> str:
+    """The corpus, as the card's prose names it (`d` is the card's "data" section)."""
+    return ("the Python standard library's sources" if d["source"] == "python-stdlib"
+            else f"the text files under `{d['source']}`")
+
+
+def _card_intro(card: dict) -> str:
+    """Title, what the model is for, and how to load it."""
+    src = _source_phrase(card["data"])
     return f"""# {card['name']}: a small Qwen3-MoE trained by remoe-engine
 
 A fine-grained Mixture-of-Experts causal LM trained from scratch on {src}, shipped so that
@@ -571,8 +762,13 @@ import remoe_engine.zoo
 model = AutoModelForCausalLM.from_pretrained(remoe_engine.zoo.path("{card['name']}"))
 tokenizer = AutoTokenizer.from_pretrained(remoe_engine.zoo.path("{card['name']}"))
 ```
+"""
 
-## Architecture
+
+def _card_architecture(card: dict) -> str:
+    """The model's shape and parameter counts."""
+    a, t = card["architecture"], card["training"]
+    return f"""## Architecture
 
 - `{a['class']}` (`model_type` `{a['model_type']}`), {a['layers']} decoder layers, every one an
   MoE layer with {a['experts']} routed experts, top-{a['top_k']}, no shared expert.
@@ -586,8 +782,14 @@ tokenizer = AutoTokenizer.from_pretrained(remoe_engine.zoo.path("{card['name']}"
   stored in {a['dtype']}. Trained context {a['trained_context']} tokens.
 - The saved config has `output_router_logits = false` (plain inference);
   `router_aux_loss_coef = {t['aux_coef']}` is kept for anyone who trains further.
+"""
 
-## Data
+
+def _card_data(card: dict) -> str:
+    """The corpus, the held-out split rule and the token counts."""
+    d = card["data"]
+    src = _source_phrase(d)
+    return f"""## Data
 
 - Source: {src} (`sysconfig.get_paths()["stdlib"]` when no `--data` is given), Python
   {d['python']}: files ending in {', '.join(d['suffixes'])}, skipping directories named
@@ -599,8 +801,13 @@ tokenizer = AutoTokenizer.from_pretrained(remoe_engine.zoo.path("{card['name']}"
   training files ({d['train_tokens']:,} tokens), {d['held_out_files']} held-out files
   ({d['held_out_tokens']:,} tokens); the names are listed in `card.json`.
 - The tokenizer was trained on the training files only. Each file is followed by `<|endoftext|>`.
+"""
 
-## Training
+
+def _card_training(card: dict) -> str:
+    """Schedule, optimizer, balance loss, wall time, the final train loss."""
+    a, t = card["architecture"], card["training"]
+    return f"""## Training
 
 - {t['steps']} steps{' (stopped early by the time cap)' if t['stopped_early'] else ''} of
   {t['batch']} x {t['seq_len']} tokens, uniformly random windows of the training stream
@@ -616,8 +823,15 @@ tokenizer = AutoTokenizer.from_pretrained(remoe_engine.zoo.path("{card['name']}"
 - Final train loss: **{t['final_train_loss']:.4f}** ({t['final_train_loss_definition']}).
 
 ![loss curve](loss_curve.png)
+"""
 
-## Evaluation (of the stored weights, loaded with `from_pretrained`)
+
+def _card_evaluation(card: dict) -> str:
+    """Held-out and slice perplexity, and the routing statistics."""
+    a, e = card["architecture"], card["eval"]
+    pf, ps = e["perplexity_held_out"], e["perplexity_slice"]
+    rf, rs = e["routing_held_out"], e["routing_slice"]
+    return f"""## Evaluation (of the stored weights, loaded with `from_pretrained`)
 
 Windows: the held-out files, sorted by name, each tokenized and followed by `<|endoftext|>`,
 concatenated and cut into consecutive non-overlapping windows of {pf['seq_len']} tokens (the
@@ -636,21 +850,25 @@ slice figures in brackets:
 
 - **EOR** (expert overlap between consecutive tokens, `IR_t = |E_t ∩ E_(t-1)| / K`, averaged over
   tokens, then layers): **{rf['eor']:.4f}** [{rs['eor']:.4f}]; per layer
-  {floats(rf['eor_per_layer'])}. Routing that ignores the previous token gives K/E =
+  {_floats(rf['eor_per_layer'])}. Routing that ignores the previous token gives K/E =
   {rf['eor_random']:.4f}.
 - **Distinct experts per window of {rf['distinct_block']} tokens** (per layer, non-overlapping
   blocks inside each window): mean **{rf['distinct_mean']:.2f}** [{rs['distinct_mean']:.2f}] of
-  {a['experts']}; per layer {floats(rf['distinct_per_layer'], '.2f')}. Uniformly random top-K
+  {a['experts']}; per layer {_floats(rf['distinct_per_layer'], '.2f')}. Uniformly random top-K
   sets would give {rf['distinct_random']:.2f}.
 - **Expert usage share** (share of a layer's top-K selections): min {rf['share_min']:.4f},
   max {rf['share_max']:.4f} [min {rs['share_min']:.4f}, max {rs['share_max']:.4f}]; uniform is
-  {1 / a['experts']:.4f}; largest share per layer {floats(rf['share_max_per_layer'], '.4f')}.
+  {1 / a['experts']:.4f}; largest share per layer {_floats(rf['share_max_per_layer'], '.4f')}.
   Unused (layer, expert) pairs: {len(rf['unused_experts'])}
   [{len(rs['unused_experts'])}]. Stated bound, checked by the tests: no expert above
   {e['max_share_bound']:.4f} ({e['max_share_bound'] * a['experts']:.0f}x uniform) of its
   layer's selections, and every expert used.
+"""
 
-## Sample
+
+def _card_sample(card: dict) -> str:
+    """The greedy sample."""
+    return f"""## Sample
 
 Greedy decoding, {card['sample']['max_new_tokens']} new tokens, prompt
 `{card['sample']['prompt']!r}`:
@@ -658,8 +876,12 @@ Greedy decoding, {card['sample']['max_new_tokens']} new tokens, prompt
 ```text
 {card['sample']['text']}
 ```
+"""
 
-## Reproduce
+
+def _card_reproduce(card: dict) -> str:
+    """The command that retrains it, and how far a rerun matches."""
+    return f"""## Reproduce
 
 ```bash
 {card['command']}
