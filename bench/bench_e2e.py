@@ -37,10 +37,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import remoe_engine
-from remoe_engine.demo_run import read_bandwidth
 from remoe_engine.families import find_moe_blocks
 from remoe_engine.hf_compat import cache_kwargs
-from remoe_engine.store import ExpertStore
+from remoe_engine.store import ExpertStore, measure_read_bandwidth
 
 H, LAYERS, E, K, I = 512, 8, 64, 6, 256
 NEW_TOKENS = int(os.environ.get("REMOE_BENCH_E2E_TOKENS", "16"))
@@ -69,7 +68,7 @@ def checkpoint(tmp_path_factory):
                 prompt=torch.randint(0, 4096, (1, PROMPT),
                                      generator=torch.Generator().manual_seed(1)))
     # Sequential O_DIRECT read of the packed file (best of 3): the storage bandwidth B.
-    info["read_gbps"] = read_bandwidth(str(info["packed"]))[0] / 1e9
+    info["read_gbps"] = measure_read_bandwidth(info["packed"])[0] / 1e9
     info["copy_gbps"] = _copy_gbps(info["slot_bytes"])
     RESULTS["bandwidth"] = {"disk_read_gbps": info["read_gbps"],
                             "host_copy_gbps": info["copy_gbps"]}

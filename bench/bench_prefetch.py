@@ -33,8 +33,8 @@ from safetensors.torch import load_file
 
 import remoe_engine
 import remoe_engine.zoo as zoo
-from remoe_engine.demo_run import decode_eval, read_bandwidth
-from remoe_engine.store import ExpertStore
+from remoe_engine.evaluation import decode
+from remoe_engine.store import ExpertStore, measure_read_bandwidth
 
 TOKENS = int(os.environ.get("REMOE_BENCH_PREFETCH_TOKENS", "257"))  # 256 decode steps
 POOLS = {"layer-8": dict(slots_per_layer=8), "global-3MiB": dict(memory_budget=3 << 20)}
@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
     store = ExpertStore.from_checkpoint(path)
     store.pack(packed, progress=False)
     ids = load_file(os.path.join(path, "heldout_slice.safetensors"))["input_ids"].reshape(-1)
-    bandwidth, direct = read_bandwidth(str(packed))
+    bandwidth, direct = measure_read_bandwidth(packed)
     RESULTS["setup"] = dict(read_gbps=bandwidth / 1e9, o_direct=direct, tokens=TOKENS - 1,
                             slot_bytes=store.layout.slot_bytes)
     return dict(path=path, packed=str(packed), direct=direct,
@@ -66,12 +66,12 @@ def test_decode(benchmark, setup, pool, router, prefetch):
     runs = []
 
     def once():
-        # decode_eval resets the counters first; the last round's counters are kept.
-        runs.append((decode_eval(model, setup["ids"]), model.remoe.stats()))
+        # decode resets the counters first; the last round's counters are kept.
+        runs.append((decode(model, setup["ids"]), model.remoe.stats()))
 
     benchmark.pedantic(once, rounds=2, iterations=1, warmup_rounds=0)
     evaluation, stats = runs[-1]
-    steps = sorted(evaluation["steps"])
+    steps = sorted(evaluation.steps)
     decoded = len(steps)
     lookups = stats["hits"] + stats["misses"]
     row = dict(pool=pool, router=router, prefetch=prefetch,
@@ -83,7 +83,7 @@ def test_decode(benchmark, setup, pool, router, prefetch):
                prefetches_per_token=stats["prefetches"] / decoded,
                prefetch_used=(stats["prefetch_hits"] / stats["prefetches"]
                               if stats["prefetches"] else None),
-               perplexity=evaluation["perplexity"])
+               perplexity=evaluation.perplexity)
     RESULTS[f"{pool}/{router}/prefetch-{'on' if prefetch else 'off'}"] = row
     benchmark.extra_info.update(row)
 

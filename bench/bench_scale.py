@@ -575,7 +575,7 @@ def run_one(cfg: dict) -> dict:
     import remoe_engine
     from remoe_engine.hf_compat import cache_kwargs
     from remoe_engine.store import ExpertStore
-    from remoe_engine.trace import RouterRecorder
+    from remoe_engine.trace import RouterTap
 
     baseline_rss = _status("VmRSS")
     rss_parts = dict(after_imports=_rss_parts())
@@ -605,7 +605,7 @@ def run_one(cfg: dict) -> dict:
                            generator=torch.Generator().manual_seed(cfg["seed"]))
 
     cpu_start = _cpu_seconds()
-    with torch.no_grad(), RouterRecorder(model) as recorder:
+    with torch.no_grad(), RouterTap(model) as tap:
         handle.reset_stats()
         start = time.perf_counter()
         out = model(prompt, use_cache=True)
@@ -621,7 +621,7 @@ def run_one(cfg: dict) -> dict:
             tokens.append(int(token))
         after = handle.stats()
         finite = bool(torch.isfinite(out.logits).all())
-    distinct = [len(set(torch.cat(calls[1:]).flatten().tolist())) for calls in recorder.calls]
+    distinct = [len(set(torch.cat(calls[1:]).flatten().tolist())) for calls in tap.ids]
     # The read mode as observed: experts read through the page cache are still in it (it was
     # dropped before the load); O_DIRECT reads leave nothing there.
     ranges: dict[str, list] = {}

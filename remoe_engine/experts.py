@@ -44,8 +44,7 @@ class ExpertsState:
 
     layer: int  # transformers layer index of this MoE block (the pool maps it)
     pool: Any  # remoe_engine.pool.SlotPool
-    waves: int = 0  # waves run (more than forwards means the budget forced waves)
-    forwards: int = 0
+    waves: int = 0  # waves run: more than one per forward means the budget forced waves
     # Prefetch: (transformers layer index, router module) of the next MoE layer, or None.
     next_layer: tuple[int, nn.Module] | None = None
     _slot_views: list | None = None  # per slot: name -> tensor views of the slot buffer
@@ -145,7 +144,6 @@ def remoe_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
         order = experts  # one wave: everything fits
     else:
         order = wave_order(ids_cpu, self.num_experts, pool.resident(state.layer))
-    state.forwards += 1
     for wave, slots in pool.waves(state.layer, order):
         state.waves += 1
         for expert, slot in zip(wave.tolist(), slots.tolist(), strict=True):
@@ -171,7 +169,6 @@ def _decode_one_token(experts: nn.Module, state: ExpertsState, hidden_states: to
     keep = ids < experts.num_experts  # expert-parallel sentinels carry no work
     ids = ids[keep] if not bool(keep.all()) else ids
     columns = keep.nonzero().flatten().tolist()
-    state.forwards += 1
     state.waves += 1
     slots = state.pool.acquire(state.layer, ids, wait=state.next_layer is None)
     if state.next_layer is not None:

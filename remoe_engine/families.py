@@ -9,7 +9,7 @@ generic. A new family is one entry in `FAMILIES`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,12 +171,6 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
     return blocks
 
 
-def iter_routers(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
-    """(layer index, router module) for every MoE block."""
-    for block in find_moe_blocks(model):
-        yield block.layer_idx, block.router
-
-
 def routing_spec(model_or_config) -> RoutingSpec:
     """The RoutingSpec of a model or config."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -215,6 +209,9 @@ class DiskLayout:
     name: str
     params: tuple[str, ...]
     pieces: tuple[DiskPiece, ...]
+    # Every key of the routed experts, as stored and as transformers names them after its
+    # conversion (fused, under the block's `mlp.experts`): what `load()` expects to leave unread.
+    key_patterns: tuple[str, ...] = ()
 
 
 _PER_EXPERT = r"(?:^|\.)layers\.(?P<L>\d+)\.mlp\.experts\.(?P<E>\d+)\."
@@ -228,18 +225,19 @@ DISK_LAYOUTS: dict[str, DiskLayout] = {
             DiskPiece(_PER_EXPERT + r"gate_proj\.weight$", "gate_up_proj", 0),
             DiskPiece(_PER_EXPERT + r"up_proj\.weight$", "gate_up_proj", 1),
             DiskPiece(_PER_EXPERT + r"down_proj\.weight$", "down_proj", 0),
-        )),
+        ), key_patterns=(_FUSED,)),
         # Mixtral: w1 = gate, w3 = up, w2 = down.
         DiskLayout("mixtral", ("gate_up_proj", "down_proj"), (
             DiskPiece(_MIXTRAL + r"w1\.weight$", "gate_up_proj", 0),
             DiskPiece(_MIXTRAL + r"w3\.weight$", "gate_up_proj", 1),
             DiskPiece(_MIXTRAL + r"w2\.weight$", "down_proj", 0),
-        )),
+        ), key_patterns=(_FUSED, _MIXTRAL)),
         # GPT-OSS keeps its in-memory layout on disk: [E, H, 2I] interleaved, biases, [E, I, H].
         DiskLayout(
             "fused", ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
             tuple(DiskPiece(_FUSED + name + "$", name, 0, fused=True) for name in (
                 "gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")),
+            key_patterns=(_FUSED,),
         ),
     ]
 }
@@ -262,3 +260,11 @@ def family_of_model_type(model_type: str) -> Family:
 def disk_layout_of(model_type: str) -> DiskLayout:
     """The on-disk expert layout of a model type."""
     return DISK_LAYOUTS[family_of_model_type(model_type).disk_layout]
+
+
+def expert_key_patterns(model_type: str) -> tuple[str, ...]:
+    """Regular expressions (re.search) matching every routed-expert key of a model type's
+    checkpoints, on disk and after transformers' key conversion. Without named groups:
+    transformers joins them into one expression, where a repeated group name is an error."""
+    return tuple(re.sub(r"\(\?P<\w+>", "(?:", pattern)
+                 for pattern in disk_layout_of(model_type).key_patterns)

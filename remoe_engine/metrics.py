@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from remoe_engine.ops import topk_overlap
 from remoe_engine.trace import RoutingTrace
 
 __all__ = [
@@ -122,11 +123,6 @@ def _sequence_ids(trace: RoutingTrace) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(trace.num_sequences), lengths)
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a_t ∩ b_t| per row of two int [T, K] id tensors whose rows hold distinct ids -> [T]."""
-    return (a[:, :, None] == b[:, None, :]).any(dim=-1).sum(dim=-1)
-
-
 def reuse_at_lags(trace: RoutingTrace, lags: int | list[int] = 16) -> LagReuse:
     """Reuse `|E_t ∩ E_{t-d}| / K` for each lag d, over token pairs inside one sequence.
 
@@ -154,7 +150,7 @@ def reuse_at_lags(trace: RoutingTrace, lags: int | list[int] = 16) -> LagReuse:
             continue
         for layer in range(trace.num_layers):
             ids = trace.ids[layer]  # [N, K]
-            overlap = _overlap(ids[d:][same], ids[:-d][same])  # [pairs]
+            overlap = topk_overlap(ids[d:][same], ids[:-d][same])  # [pairs]
             per_layer[layer][i] = float(overlap.double().mean()) / K
     mean = [sum(row[i] for row in per_layer) / trace.num_layers for i in range(len(lag_list))]
     return LagReuse(lags=lag_list, mean=mean, per_layer=per_layer, pairs=pairs)
@@ -244,7 +240,7 @@ def router_agreement(reference: RoutingTrace, candidate: RoutingTrace) -> Agreem
         if not torch.equal(ref.token_ids, cand.token_ids):
             first = int((ref.token_ids != cand.token_ids).nonzero()[0])
             raise ValueError(f"traces route different tokens (first difference at token {first})")
-    agreement = [float(_overlap(ref.ids[layer], cand.ids[layer]).double().mean()) / ref.top_k
+    agreement = [float(topk_overlap(ref.ids[layer], cand.ids[layer]).double().mean()) / ref.top_k
                  for layer in range(ref.num_layers)]
     kl_per_layer = None
     if ref.probs is not None and cand.probs is not None:

@@ -26,9 +26,15 @@ from torch import nn
 
 from remoe_engine import experts as experts_impl
 from remoe_engine import router as router_impl
-from remoe_engine.families import MoEBlock, family_of, find_moe_blocks, routing_spec
+from remoe_engine.families import (
+    MoEBlock,
+    expert_key_patterns,
+    family_of,
+    find_moe_blocks,
+    routing_spec,
+)
+from remoe_engine.pool import SlotPool, check_pool_size
 
-POLICIES = ("lru", "lfu")
 STORES = ("host", "disk")
 
 
@@ -44,6 +50,9 @@ class Handle:
     bias_source: str
     _restore: list = field(default_factory=list)
     _hooks: list = field(default_factory=list)
+    # What _attach installed, so stats() need not reach through the modules.
+    _router_states: list = field(default_factory=list)
+    _experts_states: list = field(default_factory=list)
     _patched: bool = True
     _loaded: bool = False  # from load(): the experts were never in memory, nothing to restore
     prefetch: bool = False  # decode steps prefetch the next MoE layer's guessed experts
@@ -52,22 +61,19 @@ class Handle:
         """Pool counters (hits, misses, evictions, bytes read/copied, stall seconds), per layer and
         total, plus the routers' top-k agreement with the unbiased router when the bias is on."""
         stats = self.pool.stats()
-        agree = sum(int(b.router._remoe.agree) for b in self.blocks  # host sync, here only
-                    if hasattr(b.router, "_remoe"))
-        routed = sum(b.router._remoe.routed for b in self.blocks if hasattr(b.router, "_remoe"))
+        agree = sum(int(state.agree) for state in self._router_states)  # host sync, here only
+        routed = sum(state.routed for state in self._router_states)
         stats["topk_agreement"] = agree / routed if routed else 1.0
         stats["reuse_bias"] = self.reuse_bias
         stats["bias_source"] = self.bias_source
         stats["prefetch"] = self.prefetch
-        stats["waves"] = sum(b.experts._remoe.waves for b in self.blocks
-                             if "_remoe" in b.experts.__dict__)
+        stats["waves"] = sum(state.waves for state in self._experts_states)
         return stats
 
     def reset_stats(self) -> None:
         self.pool.reset_stats()
-        for block in self.blocks:
-            if hasattr(block.router, "_remoe"):
-                block.router._remoe.agree = block.router._remoe.routed = 0
+        for state in self._router_states:
+            state.agree = state.routed = 0
 
     def unpatch(self) -> nn.Module:
         """Restore the original model: weights (rebuilt from the store), routers, experts
@@ -87,11 +93,12 @@ class Handle:
 
 
 def _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source,
-                  prefetch=False):
+                  prefetch=False) -> tuple[int | None, int | None]:
+    """Every argument of patch()/load() that is not about files, checked before the model is
+    touched (the pool's size through the pool's own check). Returns (slots_per_layer, budget
+    in bytes)."""
     if not isinstance(prefetch, bool):
         raise ValueError(f"prefetch must be True or False, got {prefetch!r}")
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if store not in STORES:
         raise ValueError(f"store must be one of {STORES}, got {store!r}")
     if bias_source not in router_impl.BIAS_SOURCES:
@@ -99,19 +106,10 @@ def _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bia
             f"bias_source must be one of {router_impl.BIAS_SOURCES}, got {bias_source!r}")
     if not (reuse_bias >= 0.0 and reuse_bias < float("inf")):
         raise ValueError(f"reuse_bias must be a finite number >= 0, got {reuse_bias!r}")
-    if slots_per_layer is not None and memory_budget is not None:
-        raise ValueError("give slots_per_layer or memory_budget, not both")
-    if slots_per_layer is not None and slots_per_layer < 1:
-        raise ValueError(f"slots_per_layer must be >= 1, got {slots_per_layer}")
-    if memory_budget is not None:
-        from remoe_engine.pool import parse_bytes
-
-        parse_bytes(memory_budget)  # a bad string fails here, before the model is touched
+    return check_pool_size(slots_per_layer, memory_budget, policy)
 
 
 def _make_pool(store, device, slots_per_layer, memory_budget, policy, **pool_kwargs):
-    from remoe_engine.pool import SlotPool
-
     if slots_per_layer is None and memory_budget is None:
         slots_per_layer = store.num_experts  # no budget: every expert fits
     return SlotPool(store, device=device, slots_per_layer=slots_per_layer,
@@ -129,50 +127,29 @@ def _restore_experts(blocks: list[MoEBlock], store, devices: list[torch.device],
             setattr(block.experts, name, param)
 
 
-def _host_copy(store, dtype: torch.dtype, pin_memory: bool):
-    """A host-tier copy of a disk-tier store in `dtype` (every expert read once into host
-    memory; a packed store's blobs are checked against their CRC32C on the way)."""
-    from remoe_engine.store import ExpertStore, SlotLayout
-
-    E = store.num_experts
-    layout = store.layout if dtype == store.layout.dtype else SlotLayout.build(
-        dtype, [(t.name, t.shape) for t in store.layout.tensors])
-    blobs = torch.zeros(len(store.layers) * E, layout.slot_bytes, dtype=torch.uint8,
-                        pin_memory=pin_memory)
-    for i, layer in enumerate(store.layers):
-        for e in range(E):
-            blob = store.read_checked(layer, e)
-            if layout is store.layout:
-                blobs[i * E + e].copy_(blob)
-            else:
-                src, dst = store.layout.views(blob), layout.views(blobs[i * E + e])
-                for name, tensor in src.items():
-                    dst[name].copy_(tensor)  # dtype conversion, once per expert
-    return ExpertStore(layout=layout, layers=store.layers, num_experts=E,
-                       model_type=store.model_type, source=store.source, host_blobs=blobs)
-
-
 def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device, *,
             reuse_bias: float, bias_source: str, handle: Handle, prefetch: bool = False) -> None:
-    """Swap routers, install the experts implementation and the sequence hooks."""
+    """Swap routers, install the experts implementation and the sequence hook."""
     spec = routing_spec(model)
     for i, block in enumerate(blocks):
-        state = router_impl.RouterState(layer=block.layer_idx, spec=spec, reuse_bias=reuse_bias,
-                                        bias_source=bias_source)
+        state = router_impl.RouterState(spec=spec, reuse_bias=reuse_bias, bias_source=bias_source)
         state.resident = _resident_fn(pool, block.layer_idx, device)
         router_impl.install(block.router, state)
+        handle._router_states.append(state)
         handle._restore.append(lambda r=block.router: router_impl.uninstall(r))
         following = blocks[i + 1] if prefetch and i + 1 < len(blocks) else None
         block.experts._remoe = experts_impl.ExpertsState(
             layer=block.layer_idx, pool=pool,
             next_layer=None if following is None else (following.layer_idx, following.router))
+        handle._experts_states.append(block.experts._remoe)
         handle._restore.append(lambda e=block.experts: e.__dict__.pop("_remoe", None))
-        # The block sees [B, S, H]: tell the router the sequence shape ("previous" bias source).
-        handle._hooks.append(block.block.register_forward_pre_hook(
-            lambda mod, args, st=state: setattr(st, "batch_shape", _batch_shape(args))))
-    # A forward with an empty cache starts new sequences: forget the previous tokens' experts.
-    handle._hooks.append(model.register_forward_pre_hook(
-        lambda mod, args, kwargs: _maybe_new_sequences(blocks, kwargs), with_kwargs=True))
+    # The routers see tokens flattened to [T, H]; the "previous" bias source needs the sequence
+    # shape, and must forget the previous tokens' experts when a forward starts new sequences.
+    # One pre-hook on the decoder sees both (its input ids and its cache) once per forward.
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    states = handle._router_states
+    handle._hooks.append(decoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: _start_forward(states, args, kwargs), with_kwargs=True))
 
     experts_impl.register()
     previous_impl = model.config._experts_implementation
@@ -191,14 +168,14 @@ def _resident_fn(pool, layer: int, device: torch.device):
     return resident
 
 
-def _batch_shape(args) -> tuple[int, int] | None:
-    hidden = args[0] if args else None
-    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
-        return int(hidden.shape[0]), int(hidden.shape[1])
-    return None
-
-
-def _maybe_new_sequences(blocks: list[MoEBlock], kwargs: dict) -> None:
+def _start_forward(states: list, args: tuple, kwargs: dict) -> None:
+    """Tell every router the forward's sequence shape (B, S); forget the previous tokens'
+    experts when the cache is empty (new sequences)."""
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    batch_shape = (tuple(int(n) for n in tokens.shape[:2])
+                   if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None)
     # transformers 5.24 renamed `past_key_values` to `cache`; accept both.
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     length = 0
@@ -207,10 +184,10 @@ def _maybe_new_sequences(blocks: list[MoEBlock], kwargs: dict) -> None:
             length = int(cache.get_seq_length())
         except (AttributeError, TypeError):
             length = 0
-    if length == 0:
-        for block in blocks:
-            if hasattr(block.router, "_remoe"):
-                block.router._remoe.previous_ids = None
+    for state in states:
+        state.batch_shape = batch_shape
+        if length == 0:
+            state.previous_ids = None
 
 
 def _blocks_or_raise(model: nn.Module) -> list[MoEBlock]:
@@ -245,7 +222,8 @@ def patch(model: nn.Module, *, slots_per_layer: int | None = None,
     """
     from remoe_engine.store import ExpertStore
 
-    _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source, prefetch)
+    slots_per_layer, memory_budget = _check_kwargs(slots_per_layer, memory_budget, policy, store,
+                                                   reuse_bias, bias_source, prefetch)
     if store != "host":
         raise ValueError("patch() takes a model in memory: store must be 'host' "
                          "(use remoe_engine.load(path, store='disk') to stream from files)")
@@ -316,7 +294,7 @@ def _parameterless(original: type) -> type:
 
 
 @contextlib.contextmanager
-def _experts_never_loaded(model_class: type):
+def _experts_never_loaded(model_class: type, model_type: str):
     module = importlib.import_module(model_class.__module__)
     saved = _experts_classes(model_class)
     ignored = getattr(model_class, "_keys_to_ignore_on_load_unexpected", None)
@@ -325,7 +303,7 @@ def _experts_never_loaded(model_class: type):
             setattr(module, name, _parameterless(cls))
         # The expert keys are on disk but have no parameter: expected, not worth a warning.
         model_class._keys_to_ignore_on_load_unexpected = [
-            *(ignored or []), r"\.experts\.", r"block_sparse_moe\.experts\."]
+            *(ignored or []), *expert_key_patterns(model_type)]
         yield
     finally:
         for name, cls in saved.items():
@@ -486,7 +464,8 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
 
     from remoe_engine.store import ExpertStore
 
-    _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source, prefetch)
+    slots_per_layer, memory_budget = _check_kwargs(slots_per_layer, memory_budget, policy, store,
+                                                   reuse_bias, bias_source, prefetch)
     if dtype is not None and dtype not in _SLOT_DTYPES:
         raise ValueError(f"dtype must be one of {_SLOT_DTYPES} or None, got {dtype!r}")
     if o_direct not in (True, False, "auto"):
@@ -504,7 +483,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
     expert_store = (ExpertStore.from_packed(packed) if packed is not None
                     else ExpertStore.from_checkpoint(path))
     model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    with _experts_never_loaded(model_class):
+    with _experts_never_loaded(model_class, family_of(config).model_type):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
                                                      **from_pretrained_kwargs)
     model.to(device).eval()
@@ -517,7 +496,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
     _check_store_matches(expert_store, blocks, family_of(config).model_type)
     compute_dtype = model.dtype
     if store == "host":
-        expert_store = _host_copy(expert_store, compute_dtype, pin_memory=device.type == "cuda")
+        expert_store = expert_store.host_copy(compute_dtype, pin_memory=device.type == "cuda")
     pool = _make_pool(expert_store, device, slots_per_layer, memory_budget, policy,
                       num_threads=num_threads, o_direct=o_direct, dtype=compute_dtype)
     handle = Handle(model, blocks, pool, expert_store, reuse_bias, bias_source, _loaded=True,

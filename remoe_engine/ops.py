@@ -12,7 +12,7 @@ import torch
 
 from remoe_engine import _C  # noqa: F401  (loads the library: registers torch.ops.remoe.*)
 
-__all__ = ["crc32c", "crc32c_impl", "route_topk", "cuda_kernels_built"]
+__all__ = ["crc32c", "crc32c_impl", "cuda_kernels_built", "route_topk", "topk_overlap"]
 
 _route_topk = torch.ops.remoe.route_topk.default
 
@@ -71,6 +71,21 @@ def route_topk(
         logits, top_k, scoring, renormalize, prefer, float(reuse_bias), correction_bias,
         n_group, topk_group, group_score, float(routed_scaling),
     )
+
+
+def topk_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many experts two routings of the same tokens share, per token: |a_t ∩ b_t|.
+
+    The one definition behind every top-k agreement and expert-reuse figure of the project
+    (`metrics`, the patched router's agreement counter, `remoe demo`).
+
+    Args:
+        a, b: integer [T, K] expert ids; each row lists distinct ids.
+
+    Returns:
+        int64 [T] on the inputs' device (no host sync).
+    """
+    return (a.unsqueeze(-1) == b.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
 
 
 def _check_finite(logits: torch.Tensor) -> None:

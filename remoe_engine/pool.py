@@ -58,7 +58,6 @@ GPU-side waits on copy events are not host time and are not included), load_fail
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -66,8 +65,9 @@ import torch
 
 from remoe_engine import ops  # noqa: F401  (loads remoe_engine._C: registers the SlotPool class)
 from remoe_engine.store import ExpertStore, SlotLayout
+from remoe_engine.units import parse_bytes
 
-__all__ = ["COUNTERS", "SlotPool", "parse_bytes"]
+__all__ = ["COUNTERS", "SlotPool", "check_pool_size"]
 
 _DIRECT_IO = {True: "on", False: "off", "auto": "auto"}
 
@@ -75,25 +75,39 @@ _DIRECT_IO = {True: "on", False: "off", "auto": "auto"}
 COUNTERS = ("hits", "misses", "evictions", "prefetches", "prefetch_hits", "bytes_read",
             "bytes_copied", "stall_ns", "load_failures")
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
 IdsLike = torch.Tensor | Sequence[int]
 
 
-def parse_bytes(size: int | str) -> int:
-    """Bytes from an int or a string like "6GiB", "512 MB", "1.5gb" (decimal and binary units)."""
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise ValueError(f"a byte size must be an int or a string like '6GiB', got {size!r}")
-    if isinstance(size, int):
-        if size < 0:
-            raise ValueError(f"a byte size must be >= 0, got {size}")
-        return size
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
-    if not m or m[2].lower() not in _UNITS:
-        raise ValueError(f"cannot parse a byte size from {size!r} (e.g. 6GiB, 512MB, 1000000)")
-    return int(float(m[1]) * _UNITS[m[2].lower()])
+POLICIES = ("lru", "lfu")
+
+
+def check_pool_size(slots_per_layer: int | None, memory_budget: int | str | None,
+                    policy: str = "lru") -> tuple[int | None, int | None]:
+    """The pool's size and policy arguments, checked once: what `SlotPool` runs, and what
+    `patch()`/`load()` run before they touch the model (a bad budget must not cost a load).
+
+    Args:
+        slots_per_layer: slots per MoE layer (>= 1), or None.
+        memory_budget: bytes, or a string like "6GiB", or None. Not both with slots_per_layer.
+        policy: one of POLICIES.
+
+    Returns:
+        (slots_per_layer, memory_budget in bytes); None where not given.
+
+    Raises:
+        ValueError: naming the argument that is wrong.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if slots_per_layer is not None and memory_budget is not None:
+        raise ValueError("give slots_per_layer or memory_budget, not both")
+    if slots_per_layer is not None:
+        if isinstance(slots_per_layer, bool) or not isinstance(slots_per_layer, int):
+            raise ValueError(f"slots_per_layer must be an int, got {slots_per_layer!r}")
+        if slots_per_layer < 1:
+            raise ValueError(f"slots_per_layer must be >= 1, got {slots_per_layer}")
+    budget = None if memory_budget is None else parse_bytes(memory_budget)
+    return slots_per_layer, budget
 
 
 class SlotPool:
@@ -126,6 +140,7 @@ class SlotPool:
         if (slots_per_layer is None) == (memory_budget is None):
             raise ValueError("SlotPool: pass exactly one of slots_per_layer (per-layer scope) or "
                              f"memory_budget (global), got {slots_per_layer=}, {memory_budget=}")
+        slots_per_layer, budget = check_pool_size(slots_per_layer, memory_budget, policy)
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -154,14 +169,11 @@ class SlotPool:
         num_layers, slot_bytes = len(store.layers), self.layout.slot_bytes
         every_expert = num_layers * store.num_experts
         if slots_per_layer is not None:
-            if not 1 <= slots_per_layer:
-                raise ValueError(f"SlotPool: slots_per_layer must be >= 1, got {slots_per_layer}")
             # More slots than experts can never be used.
             slots_per_layer = min(slots_per_layer, store.num_experts)
             self.slots_per_layer = slots_per_layer
             num_slots = slots_per_layer * num_layers
         else:
-            budget = parse_bytes(memory_budget)
             # A budget beyond every expert buys nothing: allocate only what can be used.
             num_slots = min(budget // slot_bytes, every_expert)
             if num_slots < 1:

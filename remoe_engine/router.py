@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from remoe_engine.families import RoutingSpec
-from remoe_engine.ops import route_topk
+from remoe_engine.ops import route_topk, topk_overlap
 
 BIAS_SOURCES = ("resident", "previous")
 
@@ -30,13 +30,12 @@ BIAS_SOURCES = ("resident", "previous")
 class RouterState:
     """What a patched router needs besides its own parameters."""
 
-    layer: int  # dense MoE-layer index (0..L-1) used by the pool
     spec: RoutingSpec
     reuse_bias: float = 0.0
     bias_source: str = "resident"
     # "resident": returns the bool [E] residency of this layer on the logits' device.
     resident: Callable[[], torch.Tensor] | None = None
-    # Sequence shape (B, S) of the current forward, set by a pre-hook on the MoE block.
+    # Sequence shape (B, S) of the current forward, set by patch()'s pre-hook on the decoder.
     batch_shape: tuple[int, int] | None = None
     # "previous": the ids [B, K] the last token of each sequence chose; None at a sequence start.
     previous_ids: torch.Tensor | None = None
@@ -86,8 +85,8 @@ def _patched_forward(self, hidden_states: torch.Tensor):
         weights, ids = _route_with_previous(state, logits, kwargs)
     if bias != 0.0:
         _, unbiased = route_topk(logits, spec.top_k, **kwargs)
-        # [T, K] x [T, K] -> chosen ids the unbiased router also chose; no host sync here.
-        state.agree = state.agree + (ids.unsqueeze(-1) == unbiased.unsqueeze(-2)).any(-1).sum()
+        # Chosen ids the unbiased router also chose; summed on the device, no host sync here.
+        state.agree = state.agree + topk_overlap(ids, unbiased).sum()
         state.routed += ids.numel()
     if spec.weights_in_logits_dtype:
         weights = weights.to(logits.dtype)

@@ -54,11 +54,13 @@ import fcntl
 import itertools
 import json
 import math
+import mmap
 import os
 import re
 import stat
 import struct
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -933,6 +935,73 @@ class ExpertStore:
                     "check (damaged, or not the blob the header describes); run `remoe pack` "
                     "again")
         return blob
+
+    def host_copy(self, dtype: torch.dtype | None = None, *, pin_memory: bool = False
+                  ) -> ExpertStore:
+        """A host-tier copy of this store: every expert read once into host memory (a packed
+        store's blobs checked against their CRC32C on the way), converted to `dtype`.
+
+        Args:
+            dtype: the copy's float dtype (default: this store's).
+            pin_memory: page-locked host memory, for asynchronous copies to a GPU pool.
+
+        Returns:
+            An ExpertStore with tier "host".
+        """
+        E = self.num_experts
+        dtype = dtype or self.layout.dtype
+        layout = self.layout if dtype == self.layout.dtype else SlotLayout.build(
+            dtype, [(t.name, t.shape) for t in self.layout.tensors])
+        blobs = torch.zeros(len(self.layers) * E, layout.slot_bytes, dtype=torch.uint8,
+                            pin_memory=pin_memory)
+        for i, layer in enumerate(self.layers):
+            for e in range(E):
+                blob = self.read_checked(layer, e)
+                if layout is self.layout:
+                    blobs[i * E + e].copy_(blob)
+                else:
+                    src, dst = self.layout.views(blob), layout.views(blobs[i * E + e])
+                    for name, tensor in src.items():
+                        dst[name].copy_(tensor)  # dtype conversion, once per expert
+        return ExpertStore(layout=layout, layers=self.layers, num_experts=E,
+                           model_type=self.model_type, source=self.source, host_blobs=blobs)
+
+
+def measure_read_bandwidth(path: str | os.PathLike) -> tuple[float, bool]:
+    """Sequential read bandwidth of a file in bytes/s, best of 3, and whether it was read with
+    O_DIRECT (bypassing the page cache, as the pool reads packed files where it can): the B of
+    the floor M / B that every TPOT is reported next to."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    chunk = 4 << 20
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    direct = hasattr(os, "O_DIRECT")
+    best = 0.0
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        except OSError:
+            direct = False
+            fd = os.open(path, os.O_RDONLY)
+        try:
+            start, offset = time.perf_counter(), 0
+            while offset < size:
+                try:
+                    n = os.preadv(fd, [buf], offset)
+                except OSError:  # e.g. tmpfs refuses O_DIRECT reads
+                    if not direct:
+                        raise
+                    direct = False
+                    break
+                if n <= 0:
+                    break
+                offset += n
+            elapsed = time.perf_counter() - start
+            if offset >= size and elapsed > 0:
+                best = max(best, size / elapsed)
+        finally:
+            os.close(fd)
+    return best, direct
 
 
 def _check_version(path: str, version: int) -> None:

@@ -26,17 +26,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from remoe_engine.families import family_of, find_moe_blocks
 
 __all__ = [
     "FORMAT_VERSION",
-    "RouterRecorder",
+    "RouterTap",
     "RoutingTrace",
     "TraceFileError",
     "TraceMeta",
     "concatenate",
+    "frozen_routers",
     "load",
     "record",
     "synthetic",
@@ -287,40 +289,72 @@ def _read_npz(path: str) -> tuple[dict[str, torch.Tensor], str]:
 # ---- recording -------------------------------------------------------------------------------
 
 
-class RouterRecorder:
-    """Context manager that records every router call of a model, leaving outputs unchanged.
+class RouterTap:
+    """The one way this project observes routers: records every router call, outputs unchanged.
 
     A forward hook on each MoE block's router reads the router's own output
-    `(logits [T, E], weights [T, K], ids [T, K])` (the v5 contract of every family); the
-    hook returns None, so the model computes exactly what it would without it. Hooks are removed
-    on exit, also when the model raises.
+    `(logits [T, E], weights [T, K], ids [T, K])` (the v5 contract of every family, and of the
+    patched router) and its input hidden states [T, H]. The hook returns None, so the model
+    computes exactly what it would without it. Hooks are removed on exit, also when the model
+    raises. Tracing, evaluation and fine-tuning all read routers through this class.
+
+    Args:
+        model: a transformers MoE model of a supported family.
+        probs: keep softmax(logits) float32 [T, E] of each call, on the host.
+        logits: keep each call's logits as the router returned them: on their device, with
+            their autograd graph (the fine-tuning loss reads them). Use `take()` per forward.
+        reference: per MoE layer a frozen router `(weight [E, H], bias [E] | None)` (see
+            `frozen_routers`): each call also keeps that router's fp32 logits for the same hidden
+            states, without gradient, on their device. This compares two routers on identical
+            inputs (a fine-tuned router against the original, or a biased choice against the
+            unbiased one).
+        ids_on_host: copy the ids to host int32 (one copy per layer and call: fine for tracing
+            and evaluation, not a serving path); False keeps them on their device.
 
     Attributes:
-        calls: per MoE layer, the ids [T, K] of each router call, in call order.
-        prob_calls: per MoE layer, softmax(logits) float32 [T, E] of each call (if probs).
+        blocks: the MoE blocks, in layer order.
+        ids, probs, logits, reference_logits: per MoE layer, one tensor per call, in call order.
     """
 
-    def __init__(self, model: nn.Module, *, probs: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, probs: bool = False, logits: bool = False,
+                 reference: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+                 ids_on_host: bool = True) -> None:
         self.blocks = find_moe_blocks(model)
         if not self.blocks:
             raise ValueError(f"{type(model).__name__} has no MoE blocks to record")
-        self.probs = probs
-        self.calls: list[list[torch.Tensor]] = [[] for _ in self.blocks]
-        self.prob_calls: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        if reference is not None and len(reference) != len(self.blocks):
+            raise ValueError(f"reference has {len(reference)} routers for {len(self.blocks)} "
+                             "MoE layers")
+        self.keep_probs, self.keep_logits = probs, logits
+        self.reference, self.ids_on_host = reference, ids_on_host
+        L = len(self.blocks)
+        self.ids: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        self.probs: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        self.logits: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        self.reference_logits: list[list[torch.Tensor]] = [[] for _ in range(L)]
         self._handles: list[Any] = []
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            logits, ids = output[0], output[2]  # (logits [T, E], weights [T, K], ids [T, K])
-            # One device-to-host copy per layer and call: fine for tracing, not a serving path.
-            self.calls[layer].append(ids.detach().reshape(-1, ids.shape[-1]).to("cpu", torch.int32))
-            if self.probs:
-                p = torch.softmax(logits.detach().float().reshape(-1, logits.shape[-1]), dim=-1)
-                self.prob_calls[layer].append(p.cpu())
+            logits, ids = output[0], output[2]  # [T, E], [T, K]
+            logits = logits.reshape(-1, logits.shape[-1])
+            ids = ids.detach().reshape(-1, ids.shape[-1])
+            self.ids[layer].append(ids.to("cpu", torch.int32) if self.ids_on_host else ids)
+            if self.keep_probs:
+                self.probs[layer].append(torch.softmax(logits.detach().float(), dim=-1).cpu())
+            if self.keep_logits:
+                self.logits[layer].append(logits)
+            if self.reference is not None:
+                hidden = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, H]
+                weight, bias = self.reference[layer]
+                with torch.no_grad():
+                    self.reference_logits[layer].append(F.linear(
+                        hidden, weight.to(hidden.device),
+                        None if bias is None else bias.to(hidden.device)))
 
         return hook
 
-    def __enter__(self) -> RouterRecorder:
+    def __enter__(self) -> RouterTap:
         try:
             for layer, block in enumerate(self.blocks):
                 self._handles.append(block.router.register_forward_hook(self._hook(layer)))
@@ -337,6 +371,61 @@ class RouterRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def clear(self) -> None:
+        """Forget every recorded call (the hooks stay)."""
+        for calls in (self.ids, self.probs, self.logits, self.reference_logits):
+            for per_layer in calls:
+                per_layer.clear()
+
+    def take(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Each layer's (logits [T, E], ids [T, K], reference logits [T, E] or None) of the one
+        forward since the last take (or clear), then forgets them.
+
+        Raises:
+            RuntimeError: unless every router ran exactly once.
+        """
+        calls = [len(per_layer) for per_layer in self.ids]
+        if calls != [1] * len(self.blocks) or (self.keep_logits and
+                                               any(len(x) != 1 for x in self.logits)):
+            raise RuntimeError(f"expected one router call per MoE layer, got {calls}")
+        out = [(self.logits[i][0] if self.keep_logits else None, self.ids[i][0],
+                self.reference_logits[i][0] if self.reference is not None else None)
+               for i in range(len(self.blocks))]
+        self.clear()
+        return out
+
+    def to_trace(self, model: nn.Module, offsets: torch.Tensor, *,
+                 token_ids: torch.Tensor | None = None, source: str = "",
+                 mode: str = "forward") -> RoutingTrace:
+        """The recorded calls as one trace, when they came in trace order (windows of one forward
+        batch after another, or one token at a time): per layer, every call's rows concatenated.
+
+        Args:
+            model: the tapped model (for the metadata).
+            offsets: int64 [S + 1] sequence boundaries of the concatenated rows.
+            token_ids: int64 [N] the token at each row, or None.
+            source, mode: for the metadata.
+        """
+        ids = torch.stack([torch.cat(calls) for calls in self.ids]).cpu()  # [L, N, K]
+        probs = (torch.stack([torch.cat(calls) for calls in self.probs])
+                 if self.keep_probs else None)
+        meta = _recorded_meta(model, self.blocks, top_k=int(ids.shape[-1]), source=source,
+                              model_name=None, generate_kwargs=None)
+        meta.mode = mode
+        return RoutingTrace(ids=ids, offsets=offsets, meta=meta, token_ids=token_ids,
+                            probs=probs)
+
+
+def frozen_routers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """fp32 copies of a model's router weights (and biases), in MoE-layer order: the reference a
+    `RouterTap` compares with after the routers change (fine-tuning, a router delta)."""
+    out = []
+    for block in find_moe_blocks(model):
+        bias = getattr(block.router, "bias", None)
+        out.append((block.router.weight.detach().float().clone(),
+                    None if bias is None else bias.detach().float().clone()))
+    return out
 
 
 @torch.no_grad()
@@ -372,80 +461,102 @@ def record(
     Raises:
         ValueError: for inputs that cannot be recorded (shape, beams, no KV cache).
     """
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-        attention_mask = None if attention_mask is None else attention_mask.unsqueeze(0)
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+    input_ids, mask, kwargs = _record_inputs(input_ids, attention_mask, generate_kwargs)
     B, P = input_ids.shape
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids "
-                         f"{list(input_ids.shape)}")
-    mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-            else attention_mask.bool())  # [B, P]
     generating = generate_kwargs is not None
-    kwargs = dict(generate_kwargs or {})
-    for name in ("num_beams", "num_return_sequences"):
-        if int(kwargs.get(name) or 1) != 1:
-            raise ValueError(f"record: generate with {name}={kwargs[name]} is not supported "
-                             "(one recorded sequence per prompt)")
-
-    recorder = RouterRecorder(model, probs=probs)
-    with recorder:
+    tap = RouterTap(model, probs=probs)
+    with tap:
         if generating:
             out = model.generate(input_ids=input_ids, attention_mask=mask.long(), **kwargs)
             sequences = getattr(out, "sequences", out)  # [B, P + G]
         else:
             model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
 
-    fed = input_ids.cpu()  # [B, P + steps]: the token at each routed position
+    fed, mask = input_ids.cpu(), mask.cpu()  # [B, P + steps]: the token at each routed position
     if generating:
-        steps = len(recorder.calls[0]) - 1  # decode calls after the prefill
-        generated = sequences[:, P:].cpu()  # [B, G]
-        eos = kwargs.get("eos_token_id", getattr(model.generation_config, "eos_token_id", None))
-        eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos),
-                               dtype=torch.int64)
-        # A generated token is fed back unless the sequence already ended (a real engine would
-        # not run it): drop the end-of-sequence token itself and everything after it.
-        ended = torch.isin(generated, eos_ids).long().cumsum(dim=1) > 0  # [B, G]
-        fed = torch.cat([fed, generated[:, :steps]], dim=1)
-        mask = torch.cat([mask.cpu(), ~ended[:, :steps]], dim=1)
-    mask = mask.cpu()
+        steps = len(tap.ids[0]) - 1  # decode calls after the prefill
+        fed, mask = _with_fed_back(model, fed, mask, sequences[:, P:].cpu(), steps, kwargs)
 
-    def assemble(calls: list[torch.Tensor]) -> torch.Tensor:
-        # calls: prefill [B * P, X], then one [B, X] per decode step -> [N, X] in trace order.
-        if calls[0].shape[0] != B * P or any(c.shape[0] != B for c in calls[1:]):
-            raise ValueError(
-                "record: router calls of unexpected sizes "
-                f"{[c.shape[0] for c in calls[:4]]}... for batch {B} x prompt {P}: generate() "
-                "must use the KV cache, one token per sequence per decode step")
-        per_position = [calls[0].view(B, P, -1)] + [c.view(B, 1, -1) for c in calls[1:]]
-        return torch.cat(per_position, dim=1)[mask]  # [B, P + steps, X] -> [N, X]
-
-    ids = torch.stack([assemble(calls) for calls in recorder.calls])  # [L, N, K]
-    prob = torch.stack([assemble(calls) for calls in recorder.prob_calls]) if probs else None
+    ids = torch.stack([_in_trace_order(calls, B, P, mask) for calls in tap.ids])  # [L, N, K]
+    prob = (torch.stack([_in_trace_order(calls, B, P, mask) for calls in tap.probs])
+            if probs else None)
     lengths = mask.sum(dim=1)  # [B]
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    meta = _recorded_meta(model, tap.blocks, top_k=int(ids.shape[-1]), source=source,
+                          model_name=model_name, generate_kwargs=kwargs if generating else None)
+    return RoutingTrace(ids=ids, offsets=offsets, meta=meta, token_ids=fed[mask], probs=prob)
 
+
+def _record_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   generate_kwargs: dict[str, Any] | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """`record`'s inputs, checked: ids [B, P], bool mask [B, P], generate kwargs."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+        attention_mask = None if attention_mask is None else attention_mask.unsqueeze(0)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids "
+                         f"{list(input_ids.shape)}")
+    mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+            else attention_mask.bool())
+    kwargs = dict(generate_kwargs or {})
+    for name in ("num_beams", "num_return_sequences"):
+        if int(kwargs.get(name) or 1) != 1:
+            raise ValueError(f"record: generate with {name}={kwargs[name]} is not supported "
+                             "(one recorded sequence per prompt)")
+    return input_ids, mask, kwargs
+
+
+def _with_fed_back(model: nn.Module, fed: torch.Tensor, mask: torch.Tensor,
+                   generated: torch.Tensor, steps: int, kwargs: dict[str, Any]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's tokens and mask [B, P] extended by the `steps` generated tokens [B, G] that
+    were fed back to the model. A generated token is fed back unless its sequence already ended
+    (a real engine would not run it): the end-of-sequence token itself and everything after it
+    are masked out."""
+    eos = kwargs.get("eos_token_id", getattr(model.generation_config, "eos_token_id", None))
+    eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+                           dtype=torch.int64)
+    ended = torch.isin(generated, eos_ids).long().cumsum(dim=1) > 0  # [B, G]
+    return (torch.cat([fed, generated[:, :steps]], dim=1),
+            torch.cat([mask, ~ended[:, :steps]], dim=1))
+
+
+def _in_trace_order(calls: list[torch.Tensor], B: int, P: int, mask: torch.Tensor) -> torch.Tensor:
+    """Router calls (the prefill [B * P, X], then one [B, X] per decode step) -> [N, X] in trace
+    order: sequence by sequence, positions in order, masked positions dropped."""
+    if calls[0].shape[0] != B * P or any(c.shape[0] != B for c in calls[1:]):
+        raise ValueError(
+            "record: router calls of unexpected sizes "
+            f"{[c.shape[0] for c in calls[:4]]}... for batch {B} x prompt {P}: generate() "
+            "must use the KV cache, one token per sequence per decode step")
+    per_position = [calls[0].view(B, P, -1)] + [c.view(B, 1, -1) for c in calls[1:]]
+    return torch.cat(per_position, dim=1)[mask]  # [B, P + steps, X] -> [N, X]
+
+
+def _recorded_meta(model: nn.Module, blocks: list, *, top_k: int, source: str,
+                   model_name: str | None, generate_kwargs: dict[str, Any] | None) -> TraceMeta:
     config = model.config
-    experts = recorder.blocks[0].experts
+    experts = blocks[0].experts
     num_experts = int(experts.num_experts)
     expert_bytes = sum(p.numel() * p.element_size() for p in experts.parameters(recurse=False))
-    scalars = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}
-    meta = TraceMeta(
-        top_k=int(ids.shape[-1]),
+    scalars = {k: v for k, v in (generate_kwargs or {}).items()
+               if isinstance(v, (int, float, str, bool))}
+    return TraceMeta(
+        top_k=top_k,
         num_experts=num_experts,
-        layers=[b.layer_idx for b in recorder.blocks],
+        layers=[b.layer_idx for b in blocks],
         model=model_name if model_name is not None else str(getattr(config, "_name_or_path", "")),
         model_type=family_of(config).model_type,
         config_hash=config_hash(config),
         router_hash=router_hash(model),
         expert_bytes=expert_bytes // num_experts if expert_bytes else None,
         source=source,
-        mode="generate" if generating else "forward",
-        extra={"generate_kwargs": scalars} if generating else {},
+        mode="forward" if generate_kwargs is None else "generate",
+        extra={} if generate_kwargs is None else {"generate_kwargs": scalars},
     )
-    return RoutingTrace(ids=ids, offsets=offsets, meta=meta, token_ids=fed[mask], probs=prob)
 
 
 def concatenate(traces: list[RoutingTrace]) -> RoutingTrace:

@@ -17,12 +17,12 @@ from safetensors import safe_open
 
 from remoe_engine.cli import main as cli_main
 from remoe_engine.finetune import delta as fdelta
-from remoe_engine.finetune.loss import ReMoEConfig
+from remoe_engine.finetune.config import ReMoEConfig
 from remoe_engine.finetune.train import (
-    RouterTap,
     freeze_all_but_routers,
     load_checkpoint,
     remoe_loss,
+    router_tap,
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -77,8 +77,9 @@ def delta_tensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
 def eor_on(model_dir: pathlib.Path, base: pathlib.Path) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from remoe_engine.evaluation import windows
     from remoe_engine.finetune.data import encode, read_texts
-    from remoe_engine.zoo.evaluate import routing_stats, windows
+    from remoe_engine.zoo.evaluate import routing_stats
 
     tok = AutoTokenizer.from_pretrained(base / "base")
     wins = windows(encode(tok, read_texts(base / "train.txt")), 64, 64 * 16)
@@ -172,9 +173,10 @@ def test_only_routers_train_in_every_family(variant):
     model = build(model_type, **extra)
     routers = freeze_all_but_routers(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    tap = RouterTap(model)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    loss, logged = remoe_loss(model, tap, ids, ReMoEConfig(lags=(1, 2), window=4), step=1)
+    cfg = ReMoEConfig(lags=(1, 2), window=4)
+    with router_tap(model, cfg) as tap:
+        loss, logged = remoe_loss(model, tap, ids, cfg, step=1)
     loss.backward()
     assert torch.isfinite(loss)
     opt = torch.optim.AdamW(routers.values(), lr=1e-2)
@@ -191,7 +193,6 @@ def test_custom_terms_fn_sees_each_layer_once_and_drives_the_loss():
 
     model = build("qwen3_moe")
     freeze_all_but_routers(model)
-    tap = RouterTap(model)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     cfg = ReMoEConfig(lags=(1, 2), window=4)
     seen = []
@@ -202,19 +203,24 @@ def test_custom_terms_fn_sees_each_layer_once_and_drives_the_loss():
         terms["reuse"] = terms["reuse"] * 0.0  # a variant that drops the reuse term
         return terms
 
-    _, logged = remoe_loss(model, tap, ids, cfg, step=1, terms_fn=terms_fn)
-    n_layers = len(tap.blocks)
-    assert seen == list(range(n_layers))
+    with router_tap(model, cfg) as tap:
+        _, logged = remoe_loss(model, tap, ids, cfg, step=1, terms_fn=terms_fn)
+        _, default = remoe_loss(model, tap, ids, cfg, step=1)
+    assert seen == list(range(len(tap.blocks)))
     assert logged["reuse"] == 0.0
-    _, default = remoe_loss(model, tap, ids, cfg, step=1)
     assert default["reuse"] > 0.0 and default["ce"] == pytest.approx(logged["ce"])
 
 
 def test_model_card_section_is_generated_from_the_committed_results():
     """The card's ReMoE tables come from bench/results, never typed: regenerate and compare."""
+    import importlib.util
     import json
 
-    from remoe_engine.finetune.sweep import CARD_BEGIN, card_section
+    spec = importlib.util.spec_from_file_location(
+        "finetune_sweep", REPO / "bench" / "experiments" / "finetune_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    CARD_BEGIN, card_section = sweep.CARD_BEGIN, sweep.card_section
 
     results = REPO / "bench" / "results"
     load = lambda name: json.loads((results / name).read_text())  # noqa: E731
@@ -224,7 +230,7 @@ def test_model_card_section_is_generated_from_the_committed_results():
                            load("finetune-eval-full-heldout.json"), load("finetune-frontier.json"))
     card = (REPO / "remoe_engine" / "zoo" / "tiny" / "MODEL_CARD.md").read_text()
     assert card[card.index(CARD_BEGIN):] == section, (
-        "MODEL_CARD.md is stale: rerun `python -m remoe_engine.finetune.sweep card ...`")
+        "MODEL_CARD.md is stale: rerun `python bench/experiments/finetune_sweep.py card ...`")
 
 
 def test_apply_router_delta_rejects_another_model(base, tmp_path):

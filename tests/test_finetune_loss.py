@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from remoe_engine.finetune import loss as L
-from remoe_engine.finetune.loss import ReMoEConfig
+from remoe_engine.finetune.config import ReMoEConfig
 
 
 def logp_of(rows: list[list[list[float]]]) -> torch.Tensor:

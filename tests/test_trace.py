@@ -13,7 +13,7 @@ import torch
 
 from remoe_engine import trace
 from remoe_engine.families import find_moe_blocks
-from remoe_engine.trace import RouterRecorder, RoutingTrace, TraceFileError, TraceMeta
+from remoe_engine.trace import RouterTap, RoutingTrace, TraceFileError, TraceMeta
 
 # One of each routing flavour: softmax, shared experts, sigmoid + groups + correction bias,
 # top-k-then-softmax, hybrid attention.
@@ -38,14 +38,14 @@ def test_recording_leaves_logits_unchanged_and_sees_what_the_experts_see(variant
         lambda m, args, out, i=i: expert_ids[i].append(args[1].reshape(-1, args[1].shape[-1])))
         for i, b in enumerate(find_moe_blocks(model))]
     try:
-        with torch.no_grad(), RouterRecorder(model) as recorder:
+        with torch.no_grad(), RouterTap(model) as tap:
             got = model(x).logits
     finally:
         for handle in handles:
             handle.remove()
     assert torch.equal(got, want)
     assert _no_hooks(model)
-    for layer, calls in enumerate(recorder.calls):
+    for layer, calls in enumerate(tap.ids):
         assert torch.equal(calls[0].long(), expert_ids[layer][0])
 
     recorded = trace.record(model, x)
@@ -59,7 +59,7 @@ def test_hooks_are_removed_when_the_model_raises():
     with pytest.raises(IndexError):
         trace.record(model, torch.tensor([[1, 2, 10_000]]))  # out of the vocabulary
     assert _no_hooks(model)
-    with pytest.raises(RuntimeError, match="inside"), RouterRecorder(model):
+    with pytest.raises(RuntimeError, match="inside"), RouterTap(model):
         raise RuntimeError("inside")
     assert _no_hooks(model)
 

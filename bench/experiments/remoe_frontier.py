@@ -1,6 +1,6 @@
 """Can a different ReMoE loss buy more expert reuse per unit of perplexity? A frontier study.
 
-The lambda sweep (`python -m remoe_engine.finetune.sweep sweep`) moves along one curve: on the
+The lambda sweep (`python bench/experiments/finetune_sweep.py sweep`) moves along one curve: on the
 built-in tiny model every recipe of the method's loss gives roughly +20-25% EOR per 1% held-out
 perplexity, short of the issue's target (+40% within 1%). This study asks whether the curve is a
 property of the loss or of router-only fine-tuning on this model. Each variant changes one thing;
@@ -47,11 +47,12 @@ import pathlib
 import tempfile
 import time
 
+import finetune_sweep as sw  # bench/experiments/finetune_sweep.py, next to this file
 import torch
 
-from remoe_engine.finetune import evaluate as ev
-from remoe_engine.finetune import sweep as sw
-from remoe_engine.finetune.loss import EPS, ReMoEConfig, layer_terms
+from remoe_engine import evaluation as ev
+from remoe_engine.finetune.config import ReMoEConfig
+from remoe_engine.finetune.loss import EPS, layer_terms
 from remoe_engine.finetune.train import finetune, load_checkpoint
 
 EVAL_TOKENS = 65536  # the sweep's held-out prefix
@@ -234,9 +235,9 @@ def decompose(out: pathlib.Path, delta: pathlib.Path) -> None:
 
     import torch.nn.functional as F
 
+    from remoe_engine.evaluation import perplexity
     from remoe_engine.families import find_moe_blocks
     from remoe_engine.finetune.delta import apply_router_delta
-    from remoe_engine.zoo.evaluate import perplexity
 
     path, _, wins = sw._data(None, EVAL_TOKENS)
     original = [b.router.weight.detach().clone() for b in find_moe_blocks(sw._model(path))]

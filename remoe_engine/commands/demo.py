@@ -1,8 +1,8 @@
 """`remoe demo`: routing with and without the cache-aware reuse bias, on random router logits.
 
-Until `remoe run` lands this is the README's first command: it shows the fused op choosing
-experts for a stream of tokens, and how a reuse bias toward the previous token's experts raises
-expert reuse (fewer fetches) while the returned weights stay unbiased.
+The op alone, without a model (`remoe run` tells the whole story on a real one): the fused op
+chooses experts for a stream of tokens, and a reuse bias toward the previous token's experts
+raises expert reuse (fewer fetches) while the returned weights stay unbiased.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def _stream(tokens: int, experts: int, seed: int, device: str):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from remoe_engine import ops
+    from remoe_engine import metrics, ops
     from remoe_engine.cli import CommandError
+    from remoe_engine.trace import RoutingTrace, TraceMeta
 
     if not 1 <= args.top_k <= args.experts:
         raise CommandError(f"--top-k must be in [1, --experts={args.experts}], got {args.top_k}")
@@ -60,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"route_topk on {args.tokens} tokens, E={args.experts}, K={args.top_k}, "
           f"device={args.device}, CUDA kernels built: {ops.cuda_kernels_built()}")
     print(f"{'reuse bias':>10}  {'reuse (EOR)':>11}  {'top-k agreement':>15}  {'us/token':>8}")
-    baseline_ids = None
+    meta = TraceMeta(top_k=args.top_k, num_experts=args.experts, layers=[0], mode="synthetic",
+                     source="remoe demo: an AR(1) stream of random router logits")
+    baseline = None
     for bias in (0.0, args.reuse_bias):
         prefer = torch.zeros(args.experts, dtype=torch.bool, device=args.device)
         chosen = []
@@ -70,13 +73,12 @@ def run(args: argparse.Namespace) -> int:
             prefer = torch.zeros_like(prefer).index_fill_(0, ids[0], True)
             chosen.append(ids[0])
         elapsed = time.perf_counter() - start
-        ids = torch.stack(chosen).cpu()
-        reuse = sum(len(set(ids[t].tolist()) & set(ids[t - 1].tolist()))
-                    for t in range(1, len(ids))) / (args.top_k * (len(ids) - 1))
-        if baseline_ids is None:
-            baseline_ids = ids
-        agreement = sum(len(set(a.tolist()) & set(b.tolist()))
-                        for a, b in zip(ids, baseline_ids, strict=True)) / (args.top_k * len(ids))
+        routing = RoutingTrace(ids=torch.stack(chosen).cpu()[None],
+                               offsets=torch.tensor([0, args.tokens]), meta=meta)
+        if baseline is None:
+            baseline = routing
+        reuse = metrics.expert_reuse(routing).eor
+        agreement = metrics.router_agreement(baseline, routing).topk_agreement
         print(f"{bias:>10.3f}  {reuse:>11.3f}  {agreement:>15.3f}  "
               f"{elapsed / args.tokens * 1e6:>8.1f}")
     return 0

@@ -70,12 +70,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from remoe_engine import evaluation as ev
+    from remoe_engine.families import routing_spec
     from remoe_engine.finetune import data as fdata
     from remoe_engine.finetune import delta as fdelta
-    from remoe_engine.finetune import evaluate as ev
     from remoe_engine.zoo import ZooError
     from remoe_engine.zoo import path as zoo_path
-    from remoe_engine.zoo.evaluate import windows
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(model_path))
         texts, where = fdata.resolve_texts(model_path, args.data, "held_out", args.text_key)
         stream = fdata.encode(tokenizer, texts)
-        wins = windows(stream, args.seq_len, args.max_tokens)
+        wins = ev.windows(stream, args.seq_len, args.max_tokens)
         model = AutoModelForCausalLM.from_pretrained(os.fspath(model_path), dtype=torch.float32)
-        top_k = int(ev.routing_spec(model).top_k)
+        top_k = int(routing_spec(model).top_k)
         base, base_trace = ev.teacher_forced(model, wins, slots=slots)
         rows = [("original", base)]
         tuned = None
@@ -114,16 +114,16 @@ def run(args: argparse.Namespace) -> int:
         decode_rows = []
         if biases:
             dwins = wins[: max(1, args.decode_tokens // args.seq_len)]
-            original = ev.original_routers(model)
+            original = ev.frozen_routers(model)
             candidates = [("original", model)] + ([("fine-tuned", tuned)] if tuned else [])
             for label, m in candidates:
-                decode_rows.append((f"{label} (decode)", ev.decode_loop(
+                decode_rows.append((f"{label} (decode)", ev.decode_report(
                     m, dwins, original, slots=slots, progress=not args.no_progress,
                     label=label)))
                 for source in sources:
                     for b in biases:
                         name = f"{label} + bias {b:g} {source}"
-                        decode_rows.append((name, ev.decode_loop(
+                        decode_rows.append((name, ev.decode_report(
                             m, dwins, original, reuse_bias=b, bias_source=source, slots=slots,
                             progress=not args.no_progress, label=name)))
     except (fdata.DataError, ZooError, ValueError, FileNotFoundError) as e:

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     Args:
         subparsers: the top-level parser's subparsers.
     """
-    from remoe_engine.finetune.loss import ReMoEConfig
+    from remoe_engine.finetune.config import ReMoEConfig
 
     d = ReMoEConfig()
     parser = subparsers.add_parser(
@@ -88,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
+    from remoe_engine.evaluation import windows
     from remoe_engine.finetune import data as fdata
-    from remoe_engine.finetune.loss import ReMoEConfig
+    from remoe_engine.finetune.config import ReMoEConfig
     from remoe_engine.finetune.train import FinetuneError, finetune
     from remoe_engine.zoo import ZooError
     from remoe_engine.zoo import path as zoo_path
-    from remoe_engine.zoo.evaluate import windows
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

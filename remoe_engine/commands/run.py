@@ -1,9 +1,12 @@
 """`remoe run`: the whole story on one model (by default the built-in one).
 
-An MoE model generates with its experts streamed from disk under a memory budget that holds
-about a quarter of them, then a table compares the original router, the ReMoE router and the
-ReMoE router with cache-aware routing: tokens/s, TPOT next to its floor, hit rate, bytes read per
-token, held-out perplexity, expert reuse and top-k agreement.
+An MoE model generates with its experts streamed from disk under a memory budget that holds about
+a quarter of them, in up to four configurations: the original router, the ReMoE router delta
+shipped with the model ("remoe"), and each with the cache-aware reuse bias ("+bias"). Every
+configuration then decodes the same held-out tokens one at a time, interleaved with a copy that
+holds every expert (the compute floor), and a table compares tokens/s, TPOT next to its floor,
+hit rate, bytes read per token, perplexity, expert reuse (EOR) and top-k agreement with the
+original router.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
-from remoe_engine.cli import finite_nonnegative
+from remoe_engine.cli import CommandError, finite_nonnegative
+from remoe_engine.units import parse_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,9 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
     parser.add_argument("--prompt", default=None, help="generation prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48,
-                        help="tokens to generate per configuration (48)")
+                        help="tokens each configuration generates from the prompt (48)")
     parser.add_argument("--eval-tokens", type=int, default=256,
-                        help="held-out tokens for perplexity, EOR and agreement (256; 0 skips)")
+                        help="held-out tokens every configuration decodes for the table (256; "
+                             "without held-out text: the prompt and the original router's "
+                             "output)")
     parser.add_argument("--eval-text", default=None,
                         help="text file for the held-out evaluation (default: the model's "
                              "shipped held-out slice)")
@@ -72,31 +79,34 @@ def _recommended(model_dir: str) -> tuple[float, str]:
         return 0.05, "resident"
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from remoe_engine.cli import CommandError
-    from remoe_engine.demo_run import DEFAULT_PROMPT, RunSettings, format_table
-    from remoe_engine.demo_run import run as run_report
-
-    if args.model is None:
+def _checked_model_dir(model: str | None) -> str:
+    """The checkpoint folder to run, with what `remoe run` needs checked up front."""
+    if model is None:
         from remoe_engine import zoo
 
         try:
-            model_dir = str(zoo.path("tiny"))
+            return str(zoo.path("tiny"))
         except zoo.ZooError as error:
             raise CommandError(f"{error}; pass --model PATH") from None
-    else:
-        model_dir = args.model
-        if not os.path.isdir(model_dir):
-            raise CommandError(f"--model {model_dir}: not a directory")
-        if not os.path.exists(os.path.join(model_dir, "config.json")):
-            raise CommandError(f"--model {model_dir}: no config.json (not a Hugging Face "
-                               "checkpoint directory)")
+    if not os.path.isdir(model):
+        raise CommandError(f"--model {model}: not a directory")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        raise CommandError(f"--model {model}: no config.json (not a Hugging Face checkpoint "
+                           "directory)")
+    if not any(os.path.exists(os.path.join(model, name)) for name in _TOKENIZER_FILES):
+        raise CommandError(f"--model {model}: no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
+                           "remoe run encodes a prompt and held-out text, so the folder needs "
+                           "one (save it with tokenizer.save_pretrained(folder))")
+    return model
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir = _checked_model_dir(args.model)
     budget = None
     if args.memory_budget is not None:
-        from remoe_engine.pool import parse_bytes
-
         try:
             budget = parse_bytes(args.memory_budget)
         except ValueError as error:
@@ -105,31 +115,44 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--slots-per-layer must be >= 1, got {args.slots_per_layer}")
     if args.max_new_tokens < 2:
         raise CommandError(f"--max-new-tokens must be >= 2, got {args.max_new_tokens}")
-    if args.eval_tokens < 0:
-        raise CommandError(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
+    if args.eval_tokens < 2:
+        raise CommandError(f"--eval-tokens must be >= 2, got {args.eval_tokens}")
     if args.router_delta not in (None, "none") and not os.path.isfile(args.router_delta):
         raise CommandError(f"--router-delta {args.router_delta}: no such file")
     if args.eval_text is not None and not os.path.isfile(args.eval_text):
         raise CommandError(f"--eval-text {args.eval_text}: no such file")
+    progress = not args.no_progress and not args.json
+    if progress:  # importing torch and transformers takes seconds: say something first
+        print(f"remoe run: {model_dir}", file=sys.stderr, flush=True)
+
+    import torch
+
+    from remoe_engine.compare import DEFAULT_PROMPT, RunSettings, format_table
+    from remoe_engine.compare import run as run_report
+
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError("--device cuda asked for, but no CUDA GPU is visible")
     recommended_bias, recommended_source = _recommended(model_dir)
-    reuse_bias = recommended_bias if args.reuse_bias is None else args.reuse_bias
-    bias_source = recommended_source if args.bias_source is None else args.bias_source
-    if reuse_bias < 0:
-        raise CommandError(f"--reuse-bias must be >= 0, got {reuse_bias}")
-
+    delta = args.router_delta
+    if delta is None:
+        shipped = os.path.join(model_dir, "router-delta.safetensors")
+        delta = shipped if os.path.exists(shipped) else None
+    elif delta == "none":
+        delta = None
     settings = RunSettings(
         model=model_dir, memory_budget=budget, slots_per_layer=args.slots_per_layer,
-        policy=args.policy, reuse_bias=reuse_bias, bias_source=bias_source,
-        router_delta=args.router_delta, device=args.device,
+        policy=args.policy,
+        reuse_bias=recommended_bias if args.reuse_bias is None else args.reuse_bias,
+        bias_source=recommended_source if args.bias_source is None else args.bias_source,
+        router_delta=delta, device=args.device,
         prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
         max_new_tokens=args.max_new_tokens, eval_tokens=args.eval_tokens,
-        eval_text=args.eval_text, progress=not args.no_progress and not args.json,
-        prefetch=args.prefetch)
+        eval_text=args.eval_text, progress=progress, prefetch=args.prefetch)
+    log = (lambda line: print(f"remoe run: {line}", file=sys.stderr, flush=True)) if progress \
+        else (lambda line: None)
     try:
-        report = run_report(settings)
-    except (NotImplementedError, ValueError, FileNotFoundError) as error:
+        report = run_report(settings, log=log)
+    except (NotImplementedError, ValueError, OSError) as error:
         raise CommandError(str(error).splitlines()[0]) from None
     if args.json:
         print(json.dumps(report, indent=1))
@@ -144,9 +167,6 @@ def run(args: argparse.Namespace) -> int:
     first = report["rows"][0]
     print(f"\n{settings.prompt}{first['text']}\n")
     print(format_table(report))
-    print(f"\nfloor = max(TPOT with every expert resident = {report['compute_floor_ms']:.2f} ms, "
-          "bytes read per token / read bandwidth)")
-    if report["eval_tokens"]:
-        print(f"perplexity, EOR, agreement: {report['eval_tokens']} held-out tokens, token by "
-              "token with the KV cache")
+    print(f"\nall rows: {report['eval_tokens'] - 1} tokens decoded one at a time with the KV "
+          f"cache ({report['eval_source']}); compute floor {report['compute_floor_ms']:.2f} ms")
     return 0

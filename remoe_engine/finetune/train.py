@@ -27,16 +27,21 @@ import pathlib
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from remoe_engine import metrics
+from remoe_engine.evaluation import teacher_forced_trace
 from remoe_engine.families import find_moe_blocks
 from remoe_engine.finetune import delta as delta_mod
+from remoe_engine.finetune.config import ReMoEConfig
 from remoe_engine.finetune.data import sample_windows
-from remoe_engine.finetune.loss import ReMoEConfig, combine, layer_terms
+from remoe_engine.finetune.loss import combine, layer_terms
+from remoe_engine.trace import RouterTap, frozen_routers, router_hash
 
 STATE_DIR = "remoe-state"
 CHECKPOINT = "checkpoint.pt"
@@ -45,64 +50,6 @@ MIN_LR_RATIO = 0.1
 
 class FinetuneError(ValueError):
     """A user error in fine-tuning (bad checkpoint folder, resume mismatch); one line."""
-
-
-# ---- router capture ---------------------------------------------------------------------------
-
-
-class RouterTap:
-    """Forward hooks on every router: its logits and choices, and the frozen original's logits.
-
-    The hook reads the router's own output `(logits [T, E], weights [T, K], ids [T, K])` and its
-    input hidden states; the reference logits come from an fp32 copy of the original router
-    weights taken at construction (no grad), applied to the same hidden states, so L_trust
-    compares the two routers on identical inputs.
-    """
-
-    def __init__(self, model: nn.Module, *, reference: bool = True) -> None:
-        self.blocks = find_moe_blocks(model)
-        if not self.blocks:
-            raise FinetuneError(f"{type(model).__name__} has no MoE router to fine-tune")
-        self.reference = reference
-        # Frozen fp32 copies of the original routers: weight [E, H] (+ bias [E]).
-        self.ref: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        for b in self.blocks:
-            bias = getattr(b.router, "bias", None)
-            self.ref.append((b.router.weight.detach().float().clone(),
-                             None if bias is None else bias.detach().float().clone()))
-        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        self._handles = [b.router.register_forward_hook(self._hook(i))
-                         for i, b in enumerate(self.blocks)]
-
-    def _hook(self, layer: int) -> Callable:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            logits, ids = output[0], output[2]  # [T, E], [T, K]
-            ref_logits = None
-            if self.reference:
-                hidden = args[0].reshape(-1, args[0].shape[-1])  # [T, H]
-                with torch.no_grad():
-                    weight, bias = self.ref[layer]
-                    ref_logits = F.linear(hidden.detach().float(), weight.to(hidden.device),
-                                          None if bias is None else bias.to(hidden.device))
-            self.records.append((logits, ids, ref_logits))
-
-        return hook
-
-    def pop(self, batch: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor,
-                                                         torch.Tensor | None]]:
-        """The records of one forward, reshaped to [B, S, *]; clears them."""
-        if len(self.records) != len(self.blocks):
-            raise RuntimeError(f"expected one router call per MoE layer, got {len(self.records)}")
-        out = [(lg.view(batch, seq_len, -1), ids.view(batch, seq_len, -1).long(),
-                None if ref is None else ref.view(batch, seq_len, -1))
-               for lg, ids, ref in self.records]
-        self.records = []
-        return out
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def freeze_all_but_routers(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -135,6 +82,16 @@ def default_terms(logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Ten
     return layer_terms(logits, ids, ref_logits, cfg)
 
 
+def router_tap(model: nn.Module, cfg: ReMoEConfig) -> RouterTap:
+    """The tap the loss reads: each router's logits with their graph, its choices on the device,
+    and (for L_trust) a frozen fp32 copy of the original router applied to the same hidden
+    states, so the trust term compares the two routers on identical inputs."""
+    if not find_moe_blocks(model):
+        raise FinetuneError(f"{type(model).__name__} has no MoE router to fine-tune")
+    return RouterTap(model, logits=True, ids_on_host=False,
+                     reference=frozen_routers(model) if cfg.lambda_kl > 0 else None)
+
+
 def remoe_loss(model: nn.Module, tap: RouterTap, input_ids: torch.Tensor, cfg: ReMoEConfig,
                step: int, terms_fn: TermsFn = default_terms
                ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -142,7 +99,7 @@ def remoe_loss(model: nn.Module, tap: RouterTap, input_ids: torch.Tensor, cfg: R
 
     Args:
         model: the (possibly accelerate-wrapped) causal LM, tapped by `tap`.
-        tap: the router hooks.
+        tap: the routers' tap (`router_tap`), hooked in.
         input_ids: int64 [B, S].
         cfg: the config.
         step: 1-based optimizer step (locality warm-up).
@@ -159,8 +116,9 @@ def remoe_loss(model: nn.Module, tap: RouterTap, input_ids: torch.Tensor, cfg: R
     logits = out.logits  # [B, S, V]
     ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                          input_ids[:, 1:].reshape(-1))
-    layers = [terms_fn(lg, ids, ref if cfg.lambda_kl > 0 else None, cfg, i)
-              for i, (lg, ids, ref) in enumerate(tap.pop(B, S))]
+    layers = [terms_fn(lg.view(B, S, -1), ids.view(B, S, -1).long(),
+                       None if ref is None else ref.view(B, S, -1), cfg, i)
+              for i, (lg, ids, ref) in enumerate(tap.take())]
     return combine(ce, layers, cfg, step)
 
 
@@ -252,20 +210,80 @@ def finetune(
     Raises:
         FinetuneError: bad checkpoint folder, too little text, or a resume with another config.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     cfg.validate()
     if train_stream.numel() < cfg.seq_len:
         raise FinetuneError(f"training text has {train_stream.numel()} tokens, fewer than one "
                             f"window of {cfg.seq_len}")
+    run = _prepare(model_path, pathlib.Path(out), cfg, resume, mixed_precision, log)
+    main = run.accelerator.is_main_process
+    if main and run.start == 0 and cfg.eval_every:
+        _evaluate(run, 0, eval_windows, log)
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=run.start, desc="remoe finetune",
+               disable=not (progress and main), dynamic_ncols=True)
+    with run.tap:
+        for step in range(run.start + 1, cfg.steps + 1):
+            logged = _train_step(run, train_stream, step, terms_fn)
+            bar.update(1)
+            bar.set_postfix(ce=f"{logged['ce']:.3f}", reuse=f"{logged['reuse']:.3f}",
+                            kl=f"{logged['trust']:.4f}")
+            if main and cfg.eval_every and step % cfg.eval_every == 0:
+                _evaluate(run, step, eval_windows, log)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                _save(run, step)
+    bar.close()
+    train_s = time.perf_counter() - t0
+
+    accelerator = run.accelerator
+    summary = {"config": cfg.to_dict(), "base": os.fspath(model_path), "base_router_hash":
+               run.base_hash, "steps_run_now": cfg.steps - run.start,
+               "train_wall_s": round(train_s, 1), "processes": accelerator.num_processes,
+               "mixed_precision": run.mixed_precision,
+               "distributed_type": str(accelerator.distributed_type),
+               "backend": getattr(accelerator.state, "backend", None),
+               "evals": run.evals, "history": run.history}
+    if main and write_output:
+        raw = accelerator.unwrap_model(run.model)
+        write_finetuned(model_path, run.out, raw, run.base_hash, cfg)
+        summary["changed_tensors"] = verify_only_routers(model_path, run.out, raw)
+        tmp = run.out / "remoe-finetune.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, run.out / "remoe-finetune.json")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+@dataclass
+class _Run:
+    """One fine-tuning run's state between steps."""
+
+    cfg: ReMoEConfig
+    out: pathlib.Path
+    accelerator: Any
+    mixed_precision: str
+    model: nn.Module  # as accelerate prepared it
+    routers: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    tap: RouterTap
+    base_hash: str
+    start: int = 0  # the last step done before this process started (resume)
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+
+def _prepare(model_path: str | os.PathLike, out: pathlib.Path, cfg: ReMoEConfig, resume: bool,
+             mixed_precision: str | None, log: Callable[[str], None]) -> _Run:
+    """The model with only its routers trainable, the optimizer, the tap, and the state of a
+    checkpoint to resume from, all placed by accelerate."""
+    from accelerate import Accelerator
+
     if mixed_precision is None:
         mixed_precision = ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
                            else "no")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    out = pathlib.Path(out)
-    if main:
+    if accelerator.is_main_process:
         (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
@@ -273,15 +291,11 @@ def finetune(
     model.eval()  # no dropout: the frozen network should compute what it computes at inference
     model.config.output_router_logits = False
     routers = freeze_all_but_routers(model)
-    from remoe_engine.trace import router_hash
-
     base_hash = router_hash(model)
-    tap = RouterTap(model, reference=cfg.lambda_kl > 0)
-    params = list(routers.values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95),
+    tap = router_tap(model, cfg)
+    optimizer = torch.optim.AdamW(list(routers.values()), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay)
-
-    start, history, evals = 0, [], []
+    run = _Run(cfg, out, accelerator, mixed_precision, model, routers, optimizer, tap, base_hash)
     ckpt = load_checkpoint(out) if resume else None
     if ckpt is not None:
         if ckpt["resume_key"] != _resume_key(cfg):
@@ -291,78 +305,55 @@ def finetune(
             for name, p in routers.items():
                 p.copy_(ckpt["routers"][name])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
-        if main:
-            log(f"resumed from step {start}")
+        run.start, run.history, run.evals = ckpt["step"], ckpt["history"], ckpt["evals"]
+        if accelerator.is_main_process:
+            log(f"resumed from step {run.start}")
+    run.model, run.optimizer = accelerator.prepare(model, optimizer)
+    return run
 
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
-    rank = accelerator.process_index
 
-    def evaluate_now(step: int) -> None:
-        from remoe_engine.zoo.evaluate import evaluate
+def _train_step(run: _Run, train_stream: torch.Tensor, step: int, terms_fn: TermsFn) -> dict:
+    """One optimizer step on a batch drawn for (seed, step, rank); returns the logged floats."""
+    cfg, accelerator = run.cfg, run.accelerator
+    batch = sample_windows(train_stream, cfg.batch, cfg.seq_len,
+                           _generator(cfg, step, accelerator.process_index))  # [B, S]
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    with accelerator.autocast():
+        loss, logged = remoe_loss(run.model, run.tap, batch.to(accelerator.device), cfg, step,
+                                  terms_fn)
+    run.optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    logged["grad_norm"] = float(accelerator.clip_grad_norm_(list(run.routers.values()),
+                                                            cfg.grad_clip))
+    run.optimizer.step()
+    logged["step"], logged["lr"] = step, lr_at(step, cfg)
+    run.history.append(logged)
+    return logged
 
-        if eval_windows is None:
-            return
-        ppl, routing = evaluate(accelerator.unwrap_model(model), eval_windows.to(device),
-                                block=min(cfg.window, eval_windows.shape[1]))
-        tap.records = []  # evaluate's forward passed the hooks too
-        evals.append({"step": step, "perplexity": ppl["perplexity"], "eor": routing.eor})
-        log(f"step {step}: held-out ppl {ppl['perplexity']:.4f}, EOR {routing.eor:.4f}")
 
-    def save(step: int) -> None:
-        if main:
-            _atomic_torch_save({
-                "step": step, "resume_key": _resume_key(cfg), "config": cfg.to_dict(),
-                "routers": {n: p.detach().cpu().clone() for n, p in routers.items()},
-                "optimizer": optimizer.state_dict(), "history": history, "evals": evals,
-            }, out / STATE_DIR / CHECKPOINT)
-        accelerator.wait_for_everyone()
+def _evaluate(run: _Run, step: int, eval_windows: torch.Tensor | None,
+              log: Callable[[str], None]) -> None:
+    """Held-out perplexity and EOR (the family's own routing), appended to the run's evals."""
+    if eval_windows is None:
+        return
+    ppl, routing = teacher_forced_trace(run.accelerator.unwrap_model(run.model),
+                                        eval_windows.to(run.accelerator.device))
+    run.tap.clear()  # the evaluation's forwards passed the training tap too
+    eor = metrics.expert_reuse(routing).eor
+    run.evals.append({"step": step, "perplexity": ppl["perplexity"], "eor": eor})
+    log(f"step {step}: held-out ppl {ppl['perplexity']:.4f}, EOR {eor:.4f}")
 
-    if main and start == 0 and cfg.eval_every:
-        evaluate_now(0)
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, desc="remoe finetune",
-               disable=not (progress and main), dynamic_ncols=True)
-    for step in range(start + 1, cfg.steps + 1):
-        batch = sample_windows(train_stream, cfg.batch, cfg.seq_len,
-                               _generator(cfg, step, rank)).to(device)  # [B, S]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        with accelerator.autocast():
-            loss, logged = remoe_loss(model, tap, batch, cfg, step, terms_fn)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        logged["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.grad_clip))
-        optimizer.step()
-        logged["step"], logged["lr"] = step, lr_at(step, cfg)
-        history.append(logged)
-        bar.update(1)
-        bar.set_postfix(ce=f"{logged['ce']:.3f}", reuse=f"{logged['reuse']:.3f}",
-                        kl=f"{logged['trust']:.4f}")
-        if main and cfg.eval_every and step % cfg.eval_every == 0:
-            evaluate_now(step)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            save(step)
-    bar.close()
-    tap.remove()
-    train_s = time.perf_counter() - t0
 
-    summary = {"config": cfg.to_dict(), "base": os.fspath(model_path), "base_router_hash":
-               base_hash, "steps_run_now": cfg.steps - start, "train_wall_s": round(train_s, 1),
-               "processes": accelerator.num_processes, "mixed_precision": mixed_precision,
-               "distributed_type": str(accelerator.distributed_type),
-               "backend": getattr(accelerator.state, "backend", None),
-               "evals": evals, "history": history}
-    if main and write_output:
-        raw = accelerator.unwrap_model(model)
-        write_finetuned(model_path, out, raw, base_hash, cfg)
-        summary["changed_tensors"] = verify_only_routers(model_path, out, raw)
-        tmp = out / "remoe-finetune.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, out / "remoe-finetune.json")
-    accelerator.wait_for_everyone()
-    return summary
+def _save(run: _Run, step: int) -> None:
+    if run.accelerator.is_main_process:
+        _atomic_torch_save({
+            "step": step, "resume_key": _resume_key(run.cfg), "config": run.cfg.to_dict(),
+            "routers": {n: p.detach().cpu().clone() for n, p in run.routers.items()},
+            "optimizer": run.optimizer.state_dict(), "history": run.history,
+            "evals": run.evals,
+        }, run.out / STATE_DIR / CHECKPOINT)
+    run.accelerator.wait_for_everyone()
 
 
 def write_finetuned(model_path: str | os.PathLike, out: pathlib.Path, trained: nn.Module,

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from remoe_engine.evaluation import perplexity, windows
 from remoe_engine.zoo import ZooError
 from remoe_engine.zoo import data as zdata
-from remoe_engine.zoo.evaluate import evaluate, perplexity, windows
+from remoe_engine.zoo.evaluate import evaluate
 
 EOS = "<|endoftext|>"
 # Usage share above which one expert counts as dominating its layer: 4x the uniform share K/E...
