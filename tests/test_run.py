@@ -82,3 +82,37 @@ def test_bad_options_give_one_line(argv, message, capsys):
     assert cli.main(["run", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_budget_below_one_tokens_experts_fails_before_loading(capsys):
+    import time
+
+    start = time.perf_counter()
+    assert cli.main(["run", "--memory-budget", "1KiB", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one token needs" in err and "give at least" in err and len(err.splitlines()) == 1
+    # Refused from the file headers, before any model is loaded (a load takes far longer).
+    assert time.perf_counter() - start < 30
+
+
+def test_a_folder_without_a_tokenizer_says_so_in_full(tmp_path, capsys):
+    import shutil
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(zoo.path("tiny") / name, tmp_path / name)
+    assert cli.main(["run", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no tokenizer" in err and "save_pretrained" in err and len(err.splitlines()) == 1
+
+
+def test_the_table_says_what_each_row_and_column_means():
+    from remoe_engine.compare import format_table
+
+    row = dict(name="remoe+bias", reuse_bias=0.02, bias_source="previous", tokens_per_s=10.0,
+               tpot_ms=100.0, floor_ms=50.0, hit_rate=0.5, bytes_read_per_token=2048.0,
+               perplexity=17.0, eor=0.3, topk_agreement=0.8)
+    table = format_table({"rows": [row]})
+    assert "0.02" in table.splitlines()[2]  # the bias value is in the row
+    for term in ("router delta shipped with the model", "previous token's", "hit rate",
+                 "EOR", "top-k agr", "same interleaved run"):
+        assert term in table, term
