@@ -96,6 +96,31 @@ def test_bias_moves_selection_toward_preferred_and_leaves_weights_unbiased(devic
     assert torch.equal(w0[same], w1[same])
 
 
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid", "softmax_over_topk"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_weights_are_the_unbiased_scores_of_the_chosen_experts(device, scoring, renormalize):
+    """Correction bias and reuse bias move the choice; the weights (renormalized, scaled) come from
+    the unbiased scores of whatever was chosen, for every scoring."""
+    gen = torch.Generator().manual_seed(13)
+    T, E, K = 257, 64, 6
+    logits = (torch.randn(T, E, generator=gen) * 2).to(device)
+    bias = (torch.randn(E, generator=gen) * 0.5).to(device)
+    prefer = (torch.rand(T, E, generator=gen) < 0.2).to(device)
+    weights, ids = ops.route_topk(logits, K, scoring=scoring, renormalize=renormalize,
+                                  prefer=prefer, reuse_bias=0.3, correction_bias=bias,
+                                  routed_scaling=2.5)
+    _, unbiased_ids = ops.route_topk(logits, K, scoring=scoring)
+    assert (ids != unbiased_ids).any(-1).float().mean() > 0.5  # the biases did move choices
+    chosen = ref.scores_fp32(logits, scoring).gather(-1, ids)  # [T, K]
+    if scoring == "softmax_over_topk":  # renormalize is ignored: a softmax sums to 1
+        want = torch.softmax(chosen, dim=-1)
+    elif renormalize:
+        want = chosen / chosen.sum(-1, keepdim=True)
+    else:
+        want = chosen
+    torch.testing.assert_close(weights, want * 2.5, atol=1e-6, rtol=0)
+
+
 def test_huge_bias_chooses_exactly_the_preferred_experts(device):
     logits = torch.randn(9, 32, generator=torch.Generator().manual_seed(0)).to(device)
     prefer = torch.zeros(9, 32, dtype=torch.bool, device=device)

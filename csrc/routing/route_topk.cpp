@@ -4,6 +4,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace remoe {
 
 RouteTopkParams check_route_topk_inputs(const at::Tensor& logits, int64_t top_k,

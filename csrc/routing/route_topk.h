@@ -1,11 +1,10 @@
-// Shared by the CPU and CUDA route_topk kernels: the parsed, validated arguments and the ranking
-// rule both backends implement bit for bit.
+// Shared by the CPU and CUDA route_topk kernels: the parsed, validated arguments. The arithmetic
+// both backends run is in route_topk_math.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
-#include <cmath>
 #include <cstdint>
 #include <string_view>
 
@@ -39,17 +38,5 @@ RouteTopkParams check_route_topk_inputs(const at::Tensor& logits, int64_t top_k,
                                         const std::optional<at::Tensor>& correction_bias,
                                         int64_t n_group, int64_t topk_group,
                                         std::string_view group_score, double routed_scaling);
-
-// The ranking rule: larger value first, NaN below every number, ties -> lower id.
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-inline bool ranks_before(float a, int64_t a_id, float b, int64_t b_id) {
-  const bool a_nan = a != a;
-  const bool b_nan = b != b;
-  if (a_nan != b_nan) return b_nan;
-  if (!a_nan && a != b) return a > b;
-  return a_id < b_id;
-}
 
 }  // namespace remoe

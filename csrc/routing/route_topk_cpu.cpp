@@ -4,6 +4,7 @@
 // Per row: fp32 scores (softmax / sigmoid / raw logits) -> selection score (+ correction bias
 // + reuse bias on preferred experts) -> optional group mask -> top-K by insertion into a sorted
 // K-buffer (K is small, E is at most a few hundred) -> weights from the unbiased scores.
+// The per-element arithmetic is route_topk_math.h's, shared with the CUDA kernel.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -11,55 +12,25 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "route_topk.h"
+#include "route_topk_math.h"
 
 namespace remoe {
 namespace {
-
-// exp(x) in fp32 with about 1 ulp error, written branch-free so the row loop vectorizes
-// (Cephes-style range reduction plus a degree-6 polynomial). exp(-inf) = 0, exp(+inf) = inf and
-// exp(nan) = nan, as std::exp.
-inline float exp_approx(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kMaxArg = 88.3762626647949f;
-  constexpr float kMinArg = -87.3365447504019f;  // below this the result is subnormal: flush to 0
-  float xc = x < kMinArg ? kMinArg : x;
-  xc = xc > kMaxArg ? kMaxArg : xc;
-  xc = xc != xc ? 0.0f : xc;  // keep the integer conversion below well defined for NaN
-  const float n = __builtin_floorf(xc * kLog2e + 0.5f);
-  float r = xc - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float result = y * scale;
-  result = x < kMinArg ? 0.0f : result;
-  result = x > kMaxArg ? std::numeric_limits<float>::infinity() : result;
-  result = x != x ? x : result;
-  return result;
-}
 
 // The row functions below are compiled twice (AVX2 and baseline x86-64) and picked at load
 // time, so one wheel runs everywhere and recent CPUs get 8-wide math. Vectorizing the branch-free
 // selects needs -fno-trapping-math (setup.py): nothing here reads FP exception flags.
 
-// out = softmax(x) over one row of n, in fp32. A NaN anywhere makes the whole row NaN, as
-// torch.softmax does. The max and the sum keep 8 partial results (one per AVX2 lane) so both
-// reductions vectorize; the sum's order therefore differs from a serial loop by float rounding.
+// out = softmax(x) over one row of n, in fp32. The max and the sum keep 8 partial results (one
+// per AVX2 lane) so both reductions vectorize; the sum's order therefore differs from a serial
+// loop by float rounding.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
@@ -89,8 +60,8 @@ void softmax_row(const float* x, float* out, int64_t n) {
     row_max = lane_max[j] > row_max ? lane_max[j] : row_max;
     any_nan |= lane_nan[j];
   }
-  if (any_nan) row_max = std::numeric_limits<float>::quiet_NaN();
-  for (e = 0; e < n; ++e) out[e] = exp_approx(x[e] - row_max);
+  const float shift = softmax_shift(row_max, any_nan);
+  for (e = 0; e < n; ++e) out[e] = softmax_term(x[e], shift);
   float lane_sum[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   for (e = 0; e + kLanes <= n; e += kLanes) {
     for (int j = 0; j < kLanes; ++j) lane_sum[j] += out[e + j];
@@ -106,38 +77,21 @@ void softmax_row(const float* x, float* out, int64_t n) {
 __attribute__((target_clones("avx2", "default")))
 #endif
 void sigmoid_row(const float* in, float* out, int64_t n) {
-  for (int64_t e = 0; e < n; ++e) out[e] = 1.0f / (1.0f + exp_approx(-in[e]));
+  for (int64_t e = 0; e < n; ++e) out[e] = sigmoid_score(in[e]);
 }
 
-// out = score (+ correction_bias) (+ reuse_bias where preferred), in that order. Branch-free so it
-// vectorizes: a per-token `prefer` row is close to random, and a branch on it mispredicts often.
+// out = selection_score of each expert; a null correction_bias or prefer counts as zero / false.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
 void selection_row(const float* score, const float* correction_bias, const bool* prefer,
                    float reuse_bias, float* out, int64_t n) {
-  if (correction_bias != nullptr) {
-    for (int64_t e = 0; e < n; ++e) out[e] = score[e] + correction_bias[e];
-  } else {
-    std::memcpy(out, score, sizeof(float) * n);
-  }
-  if (prefer != nullptr) {
-    const uint8_t* pref = reinterpret_cast<const uint8_t*>(prefer);
-    for (int64_t e = 0; e < n; ++e) out[e] += pref[e] ? reuse_bias : 0.0f;
+  const uint8_t* pref = reinterpret_cast<const uint8_t*>(prefer);
+  for (int64_t e = 0; e < n; ++e) {
+    out[e] = selection_score(score[e], correction_bias != nullptr ? correction_bias[e] : 0.0f,
+                             pref != nullptr && pref[e] != 0, reuse_bias);
   }
 }
-
-// Per-thread scratch, sized once per parallel chunk.
-struct RowScratch {
-  std::vector<float> x;       // [E] logits as fp32
-  std::vector<float> score;   // [E] unbiased scores (weights come from here)
-  std::vector<float> select;  // [E] selection scores
-  std::vector<uint8_t> keep;  // [E] 1 = candidate (group mask)
-  std::vector<float> group;   // [G] group scores
-  std::vector<uint8_t> group_keep;  // [G]
-  explicit RowScratch(int64_t E, int64_t G)
-      : x(E), score(E), select(E), keep(E, 1), group(G), group_keep(G) {}
-};
 
 // Inserts (value, id) into the sorted buffer (best first) of capacity `cap` holding `*count`.
 // Used for the group ranking (a handful of groups); experts go through rank keys below.
@@ -203,6 +157,75 @@ inline void top_k_of_keys(const int32_t* key, int64_t n, int64_t K, int32_t* top
   }
 }
 
+// Per-thread scratch, sized once per parallel chunk.
+struct RowScratch {
+  std::vector<float> x;                 // [E] logits as fp32
+  std::vector<float> score;             // [E] unbiased scores (weights come from here)
+  std::vector<float> select;            // [E] selection scores
+  std::vector<uint8_t> keep;            // [E] 1 = candidate (group mask)
+  std::vector<float> group;             // [G] group scores
+  std::vector<float> kept_group_score;  // [topk_group]
+  std::vector<int64_t> kept_group;      // [topk_group]
+  std::vector<int32_t> key;             // [E] rank keys
+  std::vector<int32_t> top_key;         // [K]
+  explicit RowScratch(const RouteTopkParams& p)
+      : x(p.num_experts),
+        score(p.num_experts),
+        select(p.num_experts),
+        keep(p.num_experts),
+        group(p.n_group),
+        kept_group_score(p.topk_group),
+        kept_group(p.topk_group),
+        key(p.num_experts),
+        top_key(p.top_k) {}
+};
+
+// The row in fp32: read in place when it already is.
+template <typename scalar_t>
+const float* row_as_fp32(const scalar_t* row, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+    for (int64_t e = 0; e < n; ++e) buf[e] = static_cast<float>(row[e]);
+    return buf;
+  }
+}
+
+// The scores the weights come from: probabilities, or the raw logits for softmax_over_topk.
+const float* unbiased_scores(const float* x, Scoring scoring, float* buf, int64_t n) {
+  if (scoring == Scoring::kSoftmax) {
+    softmax_row(x, buf, n);
+    return buf;
+  }
+  if (scoring == Scoring::kSigmoid) {
+    sigmoid_row(x, buf, n);
+    return buf;
+  }
+  return x;
+}
+
+// Group-limited selection (DeepSeek): 1 for the experts of the topk_group best groups.
+const uint8_t* kept_group_mask(const float* sel, const RouteTopkParams& p, RowScratch& s) {
+  const int64_t G = p.n_group;
+  const int64_t group_size = p.num_experts / G;
+  for (int64_t g = 0; g < G; ++g) {
+    Top2<int64_t> best(p.num_experts);
+    for (int64_t e = g * group_size; e < (g + 1) * group_size; ++e) best.push(sel[e], e);
+    s.group[g] = group_score_of(best, p.group_score);
+  }
+  int64_t kept = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    insert_ranked(s.group[g], g, s.kept_group_score.data(), s.kept_group.data(), &kept,
+                  p.topk_group);
+  }
+  std::fill(s.keep.begin(), s.keep.end(), 0);
+  for (int64_t i = 0; i < kept; ++i) {
+    const int64_t g = s.kept_group[i];
+    std::fill(s.keep.begin() + g * group_size, s.keep.begin() + (g + 1) * group_size, 1);
+  }
+  return s.keep.data();
+}
+
 template <typename scalar_t>
 void route_topk_rows(const scalar_t* logits,          // [T, E]
                      const bool* prefer,              // [E] or [T, E] or null
@@ -212,111 +235,21 @@ void route_topk_rows(const scalar_t* logits,          // [T, E]
                      const RouteTopkParams& p, int64_t begin, int64_t end) {
   const int64_t E = p.num_experts;
   const int64_t K = p.top_k;
-  const int64_t G = p.n_group;
-  const int64_t group_size = E / G;
-  RowScratch s(E, G);
-  std::vector<int32_t> keys(E);
-  std::vector<int32_t> top_key(K);
-
+  RowScratch s(p);
   for (int64_t t = begin; t < end; ++t) {
-    const scalar_t* row = logits + t * E;
-    const float* x;  // the row in fp32: read in place when it already is
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      x = row;
-    } else {
-      float* converted = s.x.data();
-      for (int64_t e = 0; e < E; ++e) converted[e] = static_cast<float>(row[e]);
-      x = converted;
-    }
-
-    // 1. Unbiased fp32 scores (softmax_over_topk scores the raw logits).
-    const float* score = x;
-    if (p.scoring == Scoring::kSoftmax) {
-      softmax_row(x, s.score.data(), E);
-      score = s.score.data();
-    } else if (p.scoring == Scoring::kSigmoid) {
-      sigmoid_row(x, s.score.data(), E);
-      score = s.score.data();
-    }
-
-    // 2. Selection scores: biases move the choice, never the weights.
-    const float* sel = score;
+    const float* x = row_as_fp32(logits + t * E, E, s.x.data());
+    const float* score = unbiased_scores(x, p.scoring, s.score.data(), E);
+    const float* sel = score;  // unbiased rows skip the copy
     if (p.has_prefer || p.has_correction_bias) {
       const bool* pref = p.has_prefer ? prefer + (p.prefer_per_token ? t * E : 0) : nullptr;
       selection_row(score, correction_bias, pref, p.reuse_bias, s.select.data(), E);
       sel = s.select.data();
     }
-
-    // 3. Group-limited selection (DeepSeek): keep the topk_group best groups.
-    const uint8_t* keep = nullptr;
-    if (G > 1) {
-      for (int64_t g = 0; g < G; ++g) {
-        float best[2];
-        int64_t best_id[2];
-        int64_t n = 0;
-        for (int64_t j = 0; j < group_size; ++j) {
-          const int64_t e = g * group_size + j;
-          insert_ranked(sel[e], e, best, best_id, &n, 2);
-        }
-        s.group[g] = p.group_score == GroupScore::kMax ? best[0] : best[0] + best[1];
-      }
-      float gval[64];
-      int64_t gid[64];
-      std::vector<float> gval_big;
-      std::vector<int64_t> gid_big;
-      float* gv = gval;
-      int64_t* gi = gid;
-      if (p.topk_group > 64) {
-        gval_big.resize(p.topk_group);
-        gid_big.resize(p.topk_group);
-        gv = gval_big.data();
-        gi = gid_big.data();
-      }
-      int64_t n = 0;
-      for (int64_t g = 0; g < G; ++g) insert_ranked(s.group[g], g, gv, gi, &n, p.topk_group);
-      std::fill(s.keep.begin(), s.keep.end(), 0);
-      for (int64_t i = 0; i < n; ++i) {
-        std::fill(s.keep.begin() + gi[i] * group_size, s.keep.begin() + (gi[i] + 1) * group_size,
-                  1);
-      }
-      keep = s.keep.data();
-    }
-
-    // 4. Top-K by the ranking rule (ties -> lower id, NaN last).
+    const uint8_t* keep = p.n_group > 1 ? kept_group_mask(sel, p, s) : nullptr;
     int64_t* out_ids = ids + t * K;
-    rank_keys_row(sel, keep, keys.data(), E);
-    top_k_of_keys(keys.data(), E, K, top_key.data(), out_ids);
-
-    // 5. Weights from the unbiased scores.
-    float* out_w = weights + t * K;
-    if (p.scoring == Scoring::kSoftmaxOverTopk) {
-      float m = -std::numeric_limits<float>::infinity();
-      bool any_nan = false;
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = x[out_ids[k]];
-        any_nan |= v != v;
-        m = v > m ? v : m;
-      }
-      if (any_nan) m = std::numeric_limits<float>::quiet_NaN();
-      float sum = 0.0f;
-      for (int64_t k = 0; k < K; ++k) {
-        out_w[k] = exp_approx(x[out_ids[k]] - m);
-        sum += out_w[k];
-      }
-      for (int64_t k = 0; k < K; ++k) out_w[k] /= sum;
-    } else {
-      float sum = 0.0f;
-      for (int64_t k = 0; k < K; ++k) {
-        out_w[k] = score[out_ids[k]];
-        sum += out_w[k];
-      }
-      if (p.renormalize) {
-        for (int64_t k = 0; k < K; ++k) out_w[k] /= sum;
-      }
-    }
-    if (p.routed_scaling != 1.0f) {
-      for (int64_t k = 0; k < K; ++k) out_w[k] *= p.routed_scaling;
-    }
+    rank_keys_row(sel, keep, s.key.data(), E);
+    top_k_of_keys(s.key.data(), E, K, s.top_key.data(), out_ids);
+    topk_weights(score, out_ids, p, weights + t * K);
   }
 }
 

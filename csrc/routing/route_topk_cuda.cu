@@ -5,7 +5,8 @@
 // topk_group best groups, then picks the K winners in K rounds of a warp-wide arg-best. Round r
 // only considers entries ranked strictly after round r-1's winner under the total order
 // (value desc, NaN last, id asc), so nothing needs to be marked as taken. Decode has T = 1..B, so
-// the kernel is latency-bound: no block-wide syncs, no atomics, no host syncs.
+// the kernel is latency-bound: no block-wide syncs, no atomics, no host syncs. The per-element
+// arithmetic is route_topk_math.h's: the CPU kernel runs the same code, exp aside.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -18,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include "route_topk.h"
+#include "route_topk_math.h"
 
 namespace remoe {
 namespace {
@@ -53,7 +55,7 @@ __device__ __forceinline__ void warp_best(float& value, int& id) {
 
 // A lane with no candidate offers NaN with an id past every real one: it ranks last.
 __device__ __forceinline__ void no_candidate(float& value, int& id, int limit) {
-  value = __int_as_float(0x7fc00000);
+  value = quiet_nan();
   id = limit + static_cast<int>(threadIdx.x % kWarpSize);
 }
 
@@ -91,12 +93,10 @@ __global__ void route_topk_kernel(const scalar_t* __restrict__ logits,        //
       any_nan |= x != x;
       row_max = fmaxf(row_max, x);
     }
-    row_max = warp_max(row_max);
-    // NaN anywhere makes the whole row NaN, as torch.softmax does.
-    if (__any_sync(kFullMask, any_nan)) row_max = __int_as_float(0x7fc00000);
+    const float shift = softmax_shift(warp_max(row_max), __any_sync(kFullMask, any_nan));
     float sum = 0.0f;
     for (int e = lane; e < E; e += kWarpSize) {
-      const float v = expf(static_cast<float>(row[e]) - row_max);
+      const float v = softmax_term(static_cast<float>(row[e]), shift);
       score[e] = v;
       sum += v;
     }
@@ -104,7 +104,7 @@ __global__ void route_topk_kernel(const scalar_t* __restrict__ logits,        //
     for (int e = lane; e < E; e += kWarpSize) score[e] *= inv;
   } else if (p.scoring == Scoring::kSigmoid) {
     for (int e = lane; e < E; e += kWarpSize) {
-      score[e] = 1.0f / (1.0f + expf(-static_cast<float>(row[e])));
+      score[e] = sigmoid_score(static_cast<float>(row[e]));
     }
   } else {
     for (int e = lane; e < E; e += kWarpSize) score[e] = static_cast<float>(row[e]);
@@ -114,10 +114,8 @@ __global__ void route_topk_kernel(const scalar_t* __restrict__ logits,        //
   if (biased) {
     const bool* pref = p.has_prefer ? prefer + (p.prefer_per_token ? t * E : 0) : nullptr;
     for (int e = lane; e < E; e += kWarpSize) {
-      float v = score[e];
-      if (correction_bias != nullptr) v += correction_bias[e];
-      if (pref != nullptr && pref[e]) v += p.reuse_bias;
-      select[e] = v;
+      select[e] = selection_score(score[e], correction_bias != nullptr ? correction_bias[e] : 0.0f,
+                                  pref != nullptr && pref[e], p.reuse_bias);
     }
   }
   __syncwarp();
@@ -126,24 +124,9 @@ __global__ void route_topk_kernel(const scalar_t* __restrict__ logits,        //
   const int group_size = E / G;
   if (G > 1) {
     for (int g = lane; g < G; g += kWarpSize) {
-      float best0, best1;
-      int id0, id1;
-      no_candidate(best0, id0, E);
-      no_candidate(best1, id1, E);
-      for (int j = 0; j < group_size; ++j) {
-        const int e = g * group_size + j;
-        const float v = select[e];
-        if (ranks_before(v, e, best0, id0)) {
-          best1 = best0;
-          id1 = id0;
-          best0 = v;
-          id0 = e;
-        } else if (ranks_before(v, e, best1, id1)) {
-          best1 = v;
-          id1 = e;
-        }
-      }
-      group_score[g] = p.group_score == GroupScore::kMax ? best0 : best0 + best1;
+      Top2<int> best(E);
+      for (int e = g * group_size; e < (g + 1) * group_size; ++e) best.push(select[e], e);
+      group_score[g] = group_score_of(best, p.group_score);
       group_kept[g] = 0.0f;
     }
     __syncwarp();
@@ -194,36 +177,7 @@ __global__ void route_topk_kernel(const scalar_t* __restrict__ logits,        //
   }
 
   // 5. Weights from the unbiased scores (lane 0 alone: K is small).
-  if (lane == 0) {
-    if (p.scoring == Scoring::kSoftmaxOverTopk) {
-      float m = -INFINITY;
-      bool any_nan = false;
-      for (int k = 0; k < K; ++k) {
-        const float v = score[out_ids[k]];
-        any_nan |= v != v;
-        m = fmaxf(m, v);
-      }
-      if (any_nan) m = __int_as_float(0x7fc00000);
-      float sum = 0.0f;
-      for (int k = 0; k < K; ++k) {
-        out_w[k] = expf(score[out_ids[k]] - m);
-        sum += out_w[k];
-      }
-      for (int k = 0; k < K; ++k) out_w[k] /= sum;
-    } else {
-      float sum = 0.0f;
-      for (int k = 0; k < K; ++k) {
-        out_w[k] = score[out_ids[k]];
-        sum += out_w[k];
-      }
-      if (p.renormalize) {
-        for (int k = 0; k < K; ++k) out_w[k] /= sum;
-      }
-    }
-    if (p.routed_scaling != 1.0f) {
-      for (int k = 0; k < K; ++k) out_w[k] *= p.routed_scaling;
-    }
-  }
+  if (lane == 0) topk_weights(score, out_ids, p, out_w);
 }
 
 template <typename scalar_t>
