@@ -2,6 +2,7 @@
 
 #include "route_topk.h"
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -97,6 +98,18 @@ RouteTopkParams check_route_topk_inputs(const at::Tensor& logits, int64_t top_k,
   p.n_group = n_group;
   p.topk_group = topk_group;
   return p;
+}
+
+RouteTopkOperands route_topk_operands(const at::Tensor& logits, const RouteTopkParams& p,
+                                      const std::optional<at::Tensor>& prefer,
+                                      const std::optional<at::Tensor>& correction_bias) {
+  RouteTopkOperands io;
+  io.logits = logits.contiguous();
+  if (p.has_prefer) io.prefer = prefer->contiguous();
+  if (p.has_correction_bias) io.correction_bias = correction_bias->contiguous();
+  io.weights = at::empty({p.num_tokens, p.top_k}, logits.options().dtype(at::kFloat));
+  io.ids = at::empty({p.num_tokens, p.top_k}, logits.options().dtype(at::kLong));
+  return io;
 }
 
 }  // namespace remoe

@@ -39,4 +39,19 @@ RouteTopkParams check_route_topk_inputs(const at::Tensor& logits, int64_t top_k,
                                         int64_t n_group, int64_t topk_group,
                                         std::string_view group_score, double routed_scaling);
 
+// The kernels' operands: contiguous inputs (prefer and correction_bias undefined when absent) and
+// the outputs, weights [T, K] float32 and ids [T, K] int64, on the logits' device.
+struct RouteTopkOperands {
+  at::Tensor logits, prefer, correction_bias, weights, ids;
+
+  const bool* prefer_ptr() const { return prefer.defined() ? prefer.data_ptr<bool>() : nullptr; }
+  const float* correction_bias_ptr() const {
+    return correction_bias.defined() ? correction_bias.data_ptr<float>() : nullptr;
+  }
+};
+
+RouteTopkOperands route_topk_operands(const at::Tensor& logits, const RouteTopkParams& p,
+                                      const std::optional<at::Tensor>& prefer,
+                                      const std::optional<at::Tensor>& correction_bias);
+
 }  // namespace remoe

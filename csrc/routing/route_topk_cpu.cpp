@@ -261,22 +261,18 @@ std::tuple<at::Tensor, at::Tensor> route_topk_cpu(
   const RouteTopkParams p =
       check_route_topk_inputs(logits, top_k, scoring, renormalize, prefer, reuse_bias,
                               correction_bias, n_group, topk_group, group_score, routed_scaling);
-  const at::Tensor logits_c = logits.contiguous();
-  const at::Tensor prefer_c = p.has_prefer ? prefer->contiguous() : at::Tensor();
-  const at::Tensor bias_c = p.has_correction_bias ? correction_bias->contiguous() : at::Tensor();
-  at::Tensor weights = at::empty({p.num_tokens, p.top_k}, logits.options().dtype(at::kFloat));
-  at::Tensor ids = at::empty({p.num_tokens, p.top_k}, logits.options().dtype(at::kLong));
-  if (p.num_tokens == 0) return {weights, ids};
+  const RouteTopkOperands io = route_topk_operands(logits, p, prefer, correction_bias);
+  if (p.num_tokens == 0) return {io.weights, io.ids};
 
-  const bool* prefer_ptr = p.has_prefer ? prefer_c.data_ptr<bool>() : nullptr;
-  const float* bias_ptr = p.has_correction_bias ? bias_c.data_ptr<float>() : nullptr;
+  const bool* prefer_ptr = io.prefer_ptr();
+  const float* bias_ptr = io.correction_bias_ptr();
   // A row costs about 10 ns per expert; keep chunks big enough to amortize a task dispatch.
   const int64_t grain = std::max<int64_t>(1, 16384 / p.num_experts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits_c.scalar_type(), "route_topk_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, io.logits.scalar_type(), "route_topk_cpu",
                                   [&] {
-                                    const scalar_t* lp = logits_c.data_ptr<scalar_t>();
-                                    float* wp = weights.data_ptr<float>();
-                                    int64_t* ip = ids.data_ptr<int64_t>();
+                                    const scalar_t* lp = io.logits.data_ptr<scalar_t>();
+                                    float* wp = io.weights.data_ptr<float>();
+                                    int64_t* ip = io.ids.data_ptr<int64_t>();
                                     at::parallel_for(0, p.num_tokens, grain,
                                                      [&](int64_t begin, int64_t end) {
                                                        route_topk_rows<scalar_t>(
@@ -284,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> route_topk_cpu(
                                                            begin, end);
                                                      });
                                   });
-  return {weights, ids};
+  return {io.weights, io.ids};
 }
 
 }  // namespace

@@ -211,20 +211,15 @@ std::tuple<at::Tensor, at::Tensor> route_topk_cuda(
               kSharedBudget, " this kernel uses");
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor logits_c = logits.contiguous();
-  const at::Tensor prefer_c = p.has_prefer ? prefer->contiguous() : at::Tensor();
-  const at::Tensor bias_c = p.has_correction_bias ? correction_bias->contiguous() : at::Tensor();
-  at::Tensor weights = at::empty({p.num_tokens, p.top_k}, logits.options().dtype(at::kFloat));
-  at::Tensor ids = at::empty({p.num_tokens, p.top_k}, logits.options().dtype(at::kLong));
-  if (p.num_tokens == 0) return {weights, ids};
-  const bool* prefer_ptr = p.has_prefer ? prefer_c.data_ptr<bool>() : nullptr;
-  const float* bias_ptr = p.has_correction_bias ? bias_c.data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits_c.scalar_type(),
+  RouteTopkOperands io = route_topk_operands(logits, p, prefer, correction_bias);
+  if (p.num_tokens == 0) return {io.weights, io.ids};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, io.logits.scalar_type(),
                                   "route_topk_cuda", [&] {
-                                    launch_route_topk<scalar_t>(logits_c, prefer_ptr, bias_ptr,
-                                                                weights, ids, p, stream);
+                                    launch_route_topk<scalar_t>(io.logits, io.prefer_ptr(),
+                                                                io.correction_bias_ptr(),
+                                                                io.weights, io.ids, p, stream);
                                   });
-  return {weights, ids};
+  return {io.weights, io.ids};
 }
 
 }  // namespace
