@@ -126,20 +126,22 @@ def run_table() -> list[str]:
     if not found:
         return []
     path, data = found
-    lines = [f"**`remoe run`, CPU** ([`{path}`]({path}), {data['date']}): the built-in model, "
-             f"experts read from disk (O_DIRECT: {data['o_direct']}) under "
+    lines = [f"**`remoe run`, CPU** ([`{path}`]({path}), {data['date']}, `{data['command']}`): "
+             f"the built-in model, experts read from disk (O_DIRECT: {data['o_direct']}) under "
              f"{data['memory_budget'] / 2**20:.0f} MiB of "
              f"{data['expert_bytes'] / 2**20:.0f} MiB of experts, {data['eval_tokens']} held-out "
-             "tokens decoded one at a time.", "",
-             "| router | reuse bias | hit rate | KB read / token | TPOT ms | floor ms | ppl | EOR |"
-             " top-k agreement |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "tokens decoded one at a time, every token through each configuration and through "
+             "a copy with every expert resident (the floor's compute term) before the next. "
+             "Top-k agreement: with the original router on the same hidden states.", "",
+             "| router | reuse bias | hit rate | KB read / token | TPOT ms | floor ms "
+             "| TPOT / floor | ppl | EOR | top-k agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         bias = f"{r['reuse_bias']} {r['bias_source']}" if r["reuse_bias"] else "-"
         lines.append(f"| {r['router']} | {bias} | {r['hit_rate']:.3f} | "
                      f"{r['bytes_read_per_token'] / 1024:.0f} | {r['tpot_ms']:.2f} | "
-                     f"{r['floor_ms']:.2f} | {r['perplexity']:.2f} | {r['eor']:.3f} | "
-                     f"{r['topk_agreement']:.3f} |")
+                     f"{r['floor_ms']:.2f} | {r['tpot_ms'] / r['floor_ms']:.2f}x | "
+                     f"{r['perplexity']:.2f} | {r['eor']:.3f} | {r['topk_agreement']:.3f} |")
     return lines
 
 

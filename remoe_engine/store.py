@@ -264,6 +264,28 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
             truncated, or its header is corrupt or breaks a rule above.
     """
     path = str(path)
+    raw, size, identity = _read_header_bytes(path)
+    try:
+        header = json.loads(raw.decode("utf-8"))  # UTF-8 only, as safetensors (json sniffs UTF-16)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StoreError(f"'{path}' has a corrupt safetensors header: {error}") from None
+    if not isinstance(header, dict):
+        raise StoreError(f"'{path}' has a corrupt safetensors header: not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise StoreError(f"'{path}': __metadata__ must map strings to strings, not "
+                         f"{_short(metadata)}")
+    spans = [(*_tensor_span(f"'{path}': tensor '{key}'", entry), key)
+             for key, entry in header.items()]  # (begin, end, key), data section offsets
+    data_start = 8 + len(raw)
+    _check_tiling(path, spans, header, data_start, size)
+    return {key: TensorInfo(key, path, data_start + begin, end - begin, header[key]["dtype"],
+                            tuple(header[key]["shape"]), identity) for begin, end, key in spans}
+
+
+def _read_header_bytes(path: str) -> tuple[bytes, int, tuple[int, int, int, int]]:
+    """The header's JSON bytes, the file's size and identity, the length prefix checked."""
     try:
         fd, size = _open_regular(path)
     except FileNotFoundError:
@@ -279,52 +301,48 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
             raise StoreError(f"'{path}' is truncated or not a safetensors file: header length "
                              f"{n} but the file has {size} bytes (and the limit is "
                              f"{_ST_MAX_HEADER})")
-        raw = _pread(fd, n, 8)
+        return _pread(fd, n, 8), size, identity
     finally:
         os.close(fd)
-    try:
-        header = json.loads(raw.decode("utf-8"))  # UTF-8 only, as safetensors (json sniffs UTF-16)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise StoreError(f"'{path}' has a corrupt safetensors header: {error}") from None
-    if not isinstance(header, dict):
-        raise StoreError(f"'{path}' has a corrupt safetensors header: not a JSON object")
-    metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise StoreError(f"'{path}': __metadata__ must map strings to strings, not "
-                         f"{_short(metadata)}")
-    spans = []  # (begin, end, key), data section offsets
-    for key, entry in header.items():
-        where = f"'{path}': tensor '{key}'"
-        if not isinstance(entry, dict):
-            raise StoreError(f"{where}: {_short(entry)} is not an object")
-        for field in ("dtype", "shape", "data_offsets"):
-            if field not in entry:
-                raise StoreError(f"{where}: no {field} (entry {_short(entry)})")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str):
-            raise StoreError(f"{where}: dtype {_short(dtype)} is not a string")
-        if dtype not in _ST_BITS:
-            raise StoreError(f"{where}: unknown dtype {_short(dtype)} (safetensors knows "
-                             f"{', '.join(_ST_BITS)})")
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise StoreError(f"{where}: shape {_short(shape)} is not a list of non-negative "
-                             "integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(_is_count(o) for o in offsets)):
-            raise StoreError(f"{where}: data_offsets {_short(offsets)} is not a list of two "
-                             "non-negative integers")
-        begin, end = offsets
-        if end < begin:
-            raise StoreError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
-        count = math.prod(shape)
-        if count * _ST_BITS[dtype] % 8:
-            raise StoreError(f"{where}: {count} {dtype} elements do not end on a byte boundary")
-        if end - begin != count * _ST_BITS[dtype] // 8:
-            raise StoreError(f"{where} spans data bytes {begin}..{end} but shape {shape} of "
-                             f"{dtype} needs {count * _ST_BITS[dtype] // 8}")
-        spans.append((begin, end, key))
-    data_start = 8 + n
+
+
+def _tensor_span(where: str, entry: object) -> tuple[int, int]:
+    """One header entry checked (types, dtype, shape, a size that matches its offsets); returns
+    its data offsets (begin, end)."""
+    if not isinstance(entry, dict):
+        raise StoreError(f"{where}: {_short(entry)} is not an object")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in entry:
+            raise StoreError(f"{where}: no {field} (entry {_short(entry)})")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise StoreError(f"{where}: dtype {_short(dtype)} is not a string")
+    if dtype not in _ST_BITS:
+        raise StoreError(f"{where}: unknown dtype {_short(dtype)} (safetensors knows "
+                         f"{', '.join(_ST_BITS)})")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise StoreError(f"{where}: shape {_short(shape)} is not a list of non-negative "
+                         "integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(_is_count(o) for o in offsets)):
+        raise StoreError(f"{where}: data_offsets {_short(offsets)} is not a list of two "
+                         "non-negative integers")
+    begin, end = offsets
+    if end < begin:
+        raise StoreError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
+    count = math.prod(shape)
+    if count * _ST_BITS[dtype] % 8:
+        raise StoreError(f"{where}: {count} {dtype} elements do not end on a byte boundary")
+    if end - begin != count * _ST_BITS[dtype] // 8:
+        raise StoreError(f"{where} spans data bytes {begin}..{end} but shape {shape} of "
+                         f"{dtype} needs {count * _ST_BITS[dtype] // 8}")
+    return begin, end
+
+
+def _check_tiling(path: str, spans: list[tuple[int, int, str]], header: dict, data_start: int,
+                  size: int) -> None:
+    """Sorted by offset, the tensors must tile the data section exactly: no overlap, no gap, no
+    byte after the last, none missing at the end (a truncated file)."""
     at, last = 0, None  # the tiling so far ends at data byte `at`, with tensor `last`
     for begin, end, key in sorted(spans):
         if begin < at:
@@ -343,8 +361,6 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         after = f"after '{last}'" if last is not None else "the header lists no tensor"
         raise StoreError(f"'{path}': data bytes {at}..{size - data_start} belong to no tensor "
                          f"({after})")
-    return {key: TensorInfo(key, path, data_start + begin, end - begin, header[key]["dtype"],
-                            tuple(header[key]["shape"]), identity) for begin, end, key in spans}
 
 
 @dataclass(frozen=True)

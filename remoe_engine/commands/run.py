@@ -62,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(off by default: it reads more bytes than it saves on the built-in "
                         "model; see bench/bench_prefetch.py)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--out", default=None,
+                        help="also write the report as JSON to this file, with the date, the "
+                             "machine, the versions and the command line (how the README's "
+                             "bench/results/run-cpu-*.json are made)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -77,6 +81,27 @@ def _recommended(model_dir: str) -> tuple[float, str]:
                 str(section.get("recommended_bias_source", "resident")))
     except (OSError, KeyError, TypeError, ValueError):
         return 0.05, "resident"
+
+
+def _write_report(report: dict, path: str) -> None:
+    """The report and where it came from, written to a temporary name first."""
+    import datetime
+    import platform
+
+    import torch
+    import transformers
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    doc = dict(report, command=" ".join(
+        ([f"OMP_NUM_THREADS={threads}"] if threads else []) + ["remoe", *sys.argv[1:]]),
+        date=datetime.date.today().isoformat(),
+        machine=dict(node=platform.node(), cpus=os.cpu_count(), threads=torch.get_num_threads(),
+                     python=platform.python_version()),
+        versions=dict(torch=torch.__version__, transformers=transformers.__version__))
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _checked_model_dir(model: str | None) -> str:
@@ -154,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         report = run_report(settings, log=log)
     except (NotImplementedError, ValueError, OSError) as error:
         raise CommandError(str(error).splitlines()[0]) from None
+    if args.out is not None:
+        _write_report(report, args.out)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
