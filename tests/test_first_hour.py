@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import remoe_engine
 
 PACKAGE = pathlib.Path(remoe_engine.__file__).resolve().parent
@@ -42,6 +44,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # about 2 s: a fresh interpreter imports torch
 def test_import_from_a_source_tree_without_the_extension_says_what_to_do(tmp_path):
     """Running a README block from the repository root imports ./remoe_engine, which holds no
     compiled _C unless it was built in place: the error must say so and how to fix it."""
