@@ -9,7 +9,12 @@ Environment:
                         (Blackwell) compile at load time.
   MAX_JOBS              parallel compile jobs (read by ninja through torch's BuildExtension).
   NVCC_THREADS          threads per nvcc invocation (default 2).
-  REMOE_DEBUG           1 builds with -O0 -g.
+  REMOE_DEBUG           1 builds with -O0 -g (and nvcc -G). The default release build carries no
+                        debug info (-g0, linked with --strip-debug): Python's own CFLAGS add -g,
+                        which made DWARF about 96% of the .so.
+
+pip hides the compiler's output: `pip install -v ...` shows what is being built and ninja's
+[n/N] progress.
 
 The extension registers its ops with TORCH_LIBRARY and exposes no Python bindings of its own, so it
 must be built against the torch it runs with: install torch first, then
@@ -20,6 +25,7 @@ import glob
 import os
 import shutil
 import sys
+import time
 
 from setuptools import setup
 
@@ -69,6 +75,11 @@ except ImportError:
     )
 
 
+# What the build will do, printed once when it starts (setup.py itself runs several times per pip
+# install, so not at import).
+_PLAN: list[str] = []
+
+
 def _want_cuda() -> bool:
     mode = os.environ.get("REMOE_BUILD_CUDA", "auto").strip().lower()
     if mode not in ("auto", "1", "0"):
@@ -90,7 +101,7 @@ def _want_cuda() -> bool:
         reason.append(f"torch {torch.__version__} is a CPU-only build")
     if mode == "1":
         _fail("REMOE_BUILD_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(reason))
-    print("remoe-engine: building C++ kernels only: " + "; ".join(reason))
+    _PLAN.append("building C++ kernels only: " + "; ".join(reason))
     return False
 
 
@@ -108,12 +119,19 @@ def _default_arch_list() -> str:
     return "8.0;9.0+PTX"
 
 
+# Build times measured on a 2-core VM with MAX_JOBS=2; shown so a silent wait has a known length.
+_EXPECTED_TIME = {"cpp": "about 1 minute on 2 cores",
+                  "cuda": "3 to 5 minutes on 2 cores for the default two architectures"}
+
+
 def _extension():
     build_cuda = _want_cuda()
     debug = os.environ.get("REMOE_DEBUG", "0") == "1"
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0 overrides the -g in Python's CFLAGS, which torch's build passes to every C++ compile.
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    extra_link_args = [] if debug else ["-Wl,--strip-debug"]  # any debug info left in an object
     # -fno-trapping-math: nothing here reads FP exception flags, and without it GCC will not
     # if-convert (and so not vectorize) loops with float selects, such as the routing exp.
     extra_compile_args = {"cxx": [*opt, "-fvisibility=hidden", "-fno-trapping-math",
@@ -126,22 +144,30 @@ def _extension():
         # other GPU with "no kernel image", so the default is the GPUs of this machine, or
         # Ampere + Hopper with PTX for newer ones.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
+        nvcc_threads = os.environ.get("NVCC_THREADS", "2")
         extra_compile_args["nvcc"] = [
-            *opt,
-            *(["-G"] if debug else []),
+            # -lineinfo maps device code to source lines for profilers; it is not DWARF.
+            *(["-O0", "-g", "-G"] if debug else ["-O3", "-Xcompiler=-g0", "-lineinfo"]),
             "--threads",
-            os.environ.get("NVCC_THREADS", "2"),
-            "-lineinfo",
+            nvcc_threads,
         ]
         # Every .cu file must compile: a broken kernel fails the build (and CI).
-        print(
-            f"remoe-engine: building CUDA kernels ({len(cu_sources)} files) for "
-            f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
-        )
+        _PLAN.append(f"compiling {len(cpp_sources)} C++ and {len(cu_sources)} CUDA files for "
+                     f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+                     f"(NVCC_THREADS={nvcc_threads}); usually {_EXPECTED_TIME['cuda']}")
+    else:
+        _PLAN.append(f"compiling {len(cpp_sources)} C++ files, no CUDA kernels; usually "
+                     f"{_EXPECTED_TIME['cpp']}")
+    jobs = os.environ.get("MAX_JOBS", "unset (ninja's default)")
+    _PLAN.append(("debug build (REMOE_DEBUG=1): -O0 -g" if debug else
+                  "release build: -O3, no debug info (REMOE_DEBUG=1 for a debug build)")
+                 + f"; MAX_JOBS={jobs}")
+    if build_cuda:
         return CUDAExtension(
             "remoe_engine._C",
             cpp_sources + cu_sources,
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
             define_macros=define_macros,
             py_limited_api=True,
         )
@@ -149,13 +175,27 @@ def _extension():
         "remoe_engine._C",
         cpp_sources,
         extra_compile_args={"cxx": extra_compile_args["cxx"]},
+        extra_link_args=extra_link_args,
         define_macros=define_macros,
         py_limited_api=True,
     )
 
 
+class _Build(BuildExtension):
+    """torch's build, with a line saying what it builds before the long silent part, and the
+    time it took after."""
+
+    def run(self) -> None:
+        for line in _PLAN:
+            print(f"remoe-engine: {line}", flush=True)
+        start = time.monotonic()
+        super().run()
+        print(f"remoe-engine: built remoe_engine._C in {time.monotonic() - start:.0f} s",
+              flush=True)
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": _Build},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -6,11 +6,49 @@ registers fake (meta) kernels so `torch.compile(fullgraph=True)` can trace every
 
 from __future__ import annotations
 
+import importlib.machinery
+import os
 import warnings
 
 import torch
 
-from remoe_engine import _C  # noqa: F401  (loads the library: registers torch.ops.remoe.*)
+
+def _extension_import_error(error: ImportError) -> ImportError:
+    """The error to raise when `remoe_engine._C` does not import: what happened, what to do.
+
+    Two different faults look alike in Python's own message ("cannot import name '_C'"): the
+    package directory holds no compiled extension (most often the source tree shadowing an
+    installed copy, because Python was started from the repository root), or it holds one that
+    the dynamic loader refused (built against another torch, a broken file); then the loader's
+    reason is kept.
+    """
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    found = [os.path.join(package_dir, "_C" + suffix)
+             for suffix in importlib.machinery.EXTENSION_SUFFIXES
+             if os.path.exists(os.path.join(package_dir, "_C" + suffix))]
+    root = os.path.dirname(package_dir)
+    build = ("build in place with `pip install --no-build-isolation -e .` or "
+             "`python setup.py build_ext --inplace`")
+    if found:
+        message = (f"remoe_engine's compiled extension {found[0]} failed to load: {error}. "
+                   f"A build for another torch than this one (torch {torch.__version__}) or a "
+                   f"damaged file does this: rebuild it with `pip install --no-build-isolation .`"
+                   + (f", or {build}" if os.path.exists(os.path.join(root, "setup.py")) else ""))
+    elif os.path.exists(os.path.join(root, "setup.py")):
+        message = (f"remoe_engine was imported from the source tree at {root} (no compiled "
+                   f"extension there: {package_dir} has no _C*.so). Either run from another "
+                   f"directory, where an installed remoe-engine is imported instead, or {build}.")
+    else:
+        message = (f"remoe_engine at {package_dir} has no compiled extension (_C*.so): the "
+                   f"install is incomplete; reinstall with `pip install --no-build-isolation .` "
+                   f"from the source tree.")
+    return ImportError(message, name="remoe_engine._C", path=found[0] if found else None)
+
+
+try:
+    from remoe_engine import _C  # noqa: F401  (loads the library: registers torch.ops.remoe.*)
+except ImportError as _error:
+    raise _extension_import_error(_error) from _error
 
 __all__ = ["crc32c", "crc32c_impl", "cuda_kernels_built", "route_topk", "topk_overlap"]
 
