@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from remoe_engine import _C  # noqa: F401  (loads the library: registers torch.ops.remoe.*)
+from remoe_engine import ops  # noqa: F401  (loads remoe_engine._C: registers torch.ops.remoe.*)
 from remoe_engine.trace import RoutingTrace
 
 __all__ = [

@@ -23,6 +23,8 @@ heavy = sorted(m for m in ("torch", "transformers", "remoe_engine._C") if m in s
 print(",".join(heavy))
 """
 
+pytestmark = pytest.mark.slow  # each test runs remoe or a subprocess
+
 
 @pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS],
                          ids=lambda a: " ".join(a))

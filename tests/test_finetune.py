@@ -87,6 +87,7 @@ def eor_on(model_dir: pathlib.Path, base: pathlib.Path) -> float:
     return routing_stats(model, wins, block=16).eor
 
 
+@pytest.mark.slow
 def test_end_to_end_only_routers_change_and_reuse_rises(base, tmp_path):
     out = tmp_path / "out"
     summary = run_finetune(base, out, tiny_cfg(lambda_kl=0.1))
@@ -124,6 +125,7 @@ def test_deterministic_for_a_seed(base, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(base, tmp_path):
     steps, save_every = 120, 5
     out = tmp_path / "killed"
@@ -291,6 +293,7 @@ def test_saved_datasets_data(base, tmp_path):
     assert (out / "router-delta.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_eval_command_writes_table_json_and_plot(base, tmp_path, capsys):
     out = tmp_path / "ft"
     run_finetune(base, out, tiny_cfg(steps=4))
@@ -315,6 +318,7 @@ def test_eval_command_writes_table_json_and_plot(base, tmp_path, capsys):
     assert (report / "report.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("accelerate") is None and not pathlib.Path(
     sys.executable).with_name("accelerate").exists(), reason="accelerate launcher not installed")
 def test_accelerate_launch_two_cpu_processes(base, tmp_path):

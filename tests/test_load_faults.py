@@ -49,6 +49,7 @@ def bf16_checkpoint(tmp_path_factory):
 # ------------------------------------------------------------------ dtype: slots hold compute dtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["safetensors", "packed", "host"])
 def test_float32_compute_on_a_bf16_checkpoint(bf16_checkpoint, tmp_path, source):
     """Was: the slots kept bf16 and the first forward failed with "expected m1 and m2 to have
@@ -203,6 +204,7 @@ _SIGBUS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fix", ["fix", "no-fix"])
 def test_truncating_the_checkpoint_after_load_does_not_kill_the_process(tmp_path, fix):
     """Was: rc -7 (SIGBUS): the dense weights stayed memory-mapped from the safetensors file.

@@ -265,6 +265,7 @@ def test_load_from_packed_file(tmp_path):
         loaded.remoe.unpatch()
 
 
+@pytest.mark.slow
 def test_load_peak_rss_stays_under_non_experts_plus_budget(tmp_path):
     """In a fresh process: the checkpoint's experts are >= 4x the budget, and peak RSS of load +
     generate stays under (process baseline + non-expert weights + budget + margin)."""

@@ -227,6 +227,7 @@ def test_memory_budget_is_never_exceeded():
         parse_bytes("6 parsecs")
 
 
+@pytest.mark.slow
 def test_rss_stays_within_budget_in_a_subprocess(tmp_path):
     """Stream a 72 MiB packed file twice through a 6 MiB pool: RSS grows by about the budget."""
     script = textwrap.dedent(f"""

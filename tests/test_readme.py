@@ -10,6 +10,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.slow  # each test runs remoe or a subprocess
+
 
 def test_results_tables_are_generated_from_the_results_files():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "readme_table.py"), "--check"],

@@ -12,6 +12,8 @@ ROW_FIELDS = {"name", "router", "reuse_bias", "bias_source", "tokens_per_s", "tp
               "tpot_p90_ms", "floor_ms", "hit_rate", "bytes_read_per_token", "misses_per_token",
               "perplexity", "eor", "topk_agreement", "text", "stats"}
 
+pytestmark = pytest.mark.slow  # each test runs remoe or a subprocess
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

@@ -326,6 +326,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_cli_trace_then_simulate(tmp_path, capsys):
     model = hf_tiny.build("qwen3_moe")
     model.save_pretrained(tmp_path / "original")

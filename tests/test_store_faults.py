@@ -518,6 +518,7 @@ def _one_line_error(stderr: str, match: str) -> None:
     assert re.search(match, lines[0]), (match, lines[0])
 
 
+@pytest.mark.slow
 def test_file_too_large_is_one_line_and_leaves_nothing(single, tmp_path):
     out = tmp_path / "big.remoe"
 
@@ -543,6 +544,7 @@ def _without_permission_override():
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+@pytest.mark.slow
 def test_permission_denied_is_one_line_and_leaves_nothing(single, tmp_path):
     (tmp_path / "ro").mkdir()
     os.chmod(tmp_path / "ro", 0o555)  # a read-only directory
@@ -615,6 +617,7 @@ def test_pack_api_raises_store_error_on_a_full_disk(single, tmp_path, monkeypatc
     assert list(tmp_path.glob("*y.remoe*")) == []
 
 
+@pytest.mark.slow
 def test_sigkilled_pack_leaves_a_temp_file_the_next_pack_removes(single, tmp_path, capsys):
     out, marker = tmp_path / "x.remoe", tmp_path / "reading"
     # The pack stalls after two blobs, so the kill lands mid-write however fast the disk is.

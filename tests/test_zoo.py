@@ -253,6 +253,7 @@ def tiny_run(tmp_path_factory):
     return corpus, out, argv
 
 
+@pytest.mark.slow
 def test_tiny_training_run_writes_a_loadable_checkpoint(tiny_run):
     _, out, _ = tiny_run
     card = json.loads((out / "card.json").read_text())
@@ -273,6 +274,7 @@ def test_tiny_training_run_writes_a_loadable_checkpoint(tiny_run):
     assert card["training"]["steps"] == 30 and card["data"]["held_out_files"] >= 1
 
 
+@pytest.mark.slow
 def test_tiny_training_run_is_deterministic(tiny_run, tmp_path):
     corpus, out, argv = tiny_run
     again = tmp_path / "again"
