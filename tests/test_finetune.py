@@ -26,6 +26,16 @@ from remoe_engine.finetune.train import (
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _package_env() -> dict[str, str]:
+    """The environment of a `python -m remoe_engine` subprocess (run in a temporary folder, not
+    the repository root, whose source tree without a built _C would shadow the installed
+    package): PYTHONPATH is the folder of the remoe_engine this process imported."""
+    import remoe_engine
+
+    return {**os.environ,
+            "PYTHONPATH": os.path.dirname(os.path.dirname(remoe_engine.__file__))}
 VOCAB = 320
 WORDS = ("def class return import self if else for in while with as try except yield lambda "
          "None True False print len range").split()
@@ -133,8 +143,8 @@ def test_resume_after_kill_matches_uninterrupted_run(base, tmp_path):
            "--out", str(out), "--data", str(base / "train.txt"), "--steps", str(steps),
            "--batch", "2", "--seq-len", "32", "--lr", "0.01", "--save-every", str(save_every),
            "--lags", "1,2,4", "--window", "8", "--threads", "1", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=_package_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     ckpt = out / "remoe-state" / "checkpoint.pt"
     deadline = time.monotonic() + 120
     try:
@@ -331,8 +341,8 @@ def test_accelerate_launch_two_cpu_processes(base, tmp_path):
            "-m", "remoe_engine", "finetune", "--model", str(base / "base"), "--out", str(out),
            "--data", str(base / "train.txt"), "--steps", "3", "--batch", "2", "--seq-len", "32",
            "--threads", "1", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    env = {**_package_env(), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 
