@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "remoe_engine.commands.finetune",
     "remoe_engine.commands.eval",
     "remoe_engine.commands.pack",
+    "remoe_engine.commands.families",
     "remoe_engine.commands.zoo",
     "remoe_engine.commands.demo",
     "remoe_engine.commands.version",

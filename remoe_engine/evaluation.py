@@ -35,7 +35,6 @@ from torch import nn
 from remoe_engine import metrics, sim
 from remoe_engine.families import routing_spec
 from remoe_engine.hf_compat import cache_kwargs
-from remoe_engine.ops import route_topk
 from remoe_engine.trace import RouterTap, RoutingTrace, frozen_routers
 
 __all__ = ["DecodeResult", "decode", "decode_report", "decode_side_by_side", "default_slots",
@@ -209,7 +208,7 @@ class DecodeResult:
 
 @torch.no_grad()
 def decode(model: nn.Module, wins: torch.Tensor, *,
-           reference: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+           reference: list[nn.Module] | None = None,
            handle=None, single_thread: bool = False, progress: bool = False,
            label: str = "decode") -> DecodeResult:
     """Feed each window token by token with the KV cache, teacher-forced, as at decode.
@@ -302,7 +301,7 @@ def decode_side_by_side(models: Sequence[nn.Module], wins: torch.Tensor, *,
             stats = handles[i].stats()
             counts = {k: stats[k] for k in ("hits", "misses", "bytes_read")}
         agreement = (None if references[i] is None else metrics.router_agreement(
-            _reference_trace(model, taps[i], routing), routing))
+            _reference_trace(taps[i], routing), routing))
         predicted = len(steps[i])
         results.append(DecodeResult(perplexity=math.exp(nll[i] / predicted),
                                     nll=nll[i] / predicted, predicted=predicted, routing=routing,
@@ -322,21 +321,18 @@ def _decode_step(model: nn.Module, window: torch.Tensor, t: int, previous):
     return nll, time.perf_counter() - start, out
 
 
-def _reference_trace(model: nn.Module, tap: RouterTap, routing: RoutingTrace) -> RoutingTrace:
-    """What the reference routers would have chosen on the tapped hidden states: the family's
-    own selection rule (`route_topk` with the router's spec) on the reference logits."""
-    spec = routing_spec(model)
-    ids, probs = [], []
-    for block, calls in zip(tap.blocks, tap.reference_logits, strict=True):
-        logits = torch.cat(calls)  # [N, E] fp32
-        ids.append(route_topk(logits, spec.top_k, **spec.op_kwargs(block.router))[1].cpu())
-        probs.append(torch.softmax(logits, dim=-1).cpu())
-    return RoutingTrace(ids=torch.stack(ids), offsets=routing.offsets, meta=routing.meta,
-                        token_ids=routing.token_ids, probs=torch.stack(probs))
+def _reference_trace(tap: RouterTap, routing: RoutingTrace) -> RoutingTrace:
+    """What the reference routers chose on the tapped hidden states (each by its family's own
+    rule), with their probabilities, as a trace of the same tokens."""
+    ids = torch.stack([torch.cat(calls) for calls in tap.reference_ids])
+    probs = torch.stack([torch.softmax(torch.cat(calls).float(), dim=-1).cpu()
+                         for calls in tap.reference_logits])
+    return RoutingTrace(ids=ids, offsets=routing.offsets, meta=routing.meta,
+                        token_ids=routing.token_ids, probs=probs)
 
 
 def decode_report(model: nn.Module, wins: torch.Tensor,
-                  reference: list[tuple[torch.Tensor, torch.Tensor | None]], *,
+                  reference: list[nn.Module], *,
                   reuse_bias: float = 0.0, bias_source: str = "previous",
                   slots_per_layer: int | None = None, slots: Sequence[int] | None = None,
                   progress: bool = True, label: str = "") -> dict:

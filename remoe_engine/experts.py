@@ -62,17 +62,20 @@ def expert_ffn(experts: nn.Module, x: torch.Tensor, weights: dict[str, torch.Ten
     Args:
         experts: the family's experts module (supplies `_apply_gate` and layout flags).
         x: [n, H] hidden states of the tokens routed to this expert.
-        weights: slot views: gate_up_proj [2I, H] ([H, 2I] if transposed), down_proj [H, I]
-            ([I, H] if transposed), and the biases when the family has them.
+        weights: slot views: gate_up_proj [2I, H] ([H, 2I] if transposed; up_proj [I, H] for
+            experts without a gate), down_proj [H, I] ([I, H] if transposed), and the biases
+            when the family has them.
     Returns:
         [n, H] in x's dtype.
     """
     transposed = experts.is_transposed
-    gate_up = weights["gate_up_proj"]
-    h = x @ gate_up if transposed else F.linear(x, gate_up)
+    # Gated experts hold gate and up in one tensor; the rest (Nemotron-H) only an up projection.
+    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+    up = weights[up_name]
+    h = x @ up if transposed else F.linear(x, up)
     if experts.has_bias:
-        h = h + weights["gate_up_proj_bias"]
-    h = experts._apply_gate(h)
+        h = h + weights[f"{up_name}_bias"]
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
     down = weights["down_proj"]
     y = h @ down if transposed else F.linear(h, down)
     if experts.has_bias:

@@ -30,8 +30,8 @@ from remoe_engine.families import (
     MoEBlock,
     expert_key_patterns,
     family_of,
-    find_moe_blocks,
-    routing_spec,
+    learn_routing,
+    moe_blocks_or_raise,
 )
 from remoe_engine.pool import SlotPool, check_pool_size
 
@@ -130,10 +130,11 @@ def _restore_experts(blocks: list[MoEBlock], store, devices: list[torch.device],
 def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device, *,
             reuse_bias: float, bias_source: str, handle: Handle, prefetch: bool = False) -> None:
     """Swap routers, install the experts implementation and the sequence hook."""
-    spec = routing_spec(model)
+    spec = learn_routing(model).spec  # checked against the bias by _blocks_or_raise
     for i, block in enumerate(blocks):
         state = router_impl.RouterState(spec=spec, reuse_bias=reuse_bias, bias_source=bias_source)
         state.resident = _resident_fn(pool, block.layer_idx, device)
+        state.extra_args = block.router_extra_args
         router_impl.install(block.router, state)
         handle._router_states.append(state)
         handle._restore.append(lambda r=block.router: router_impl.uninstall(r))
@@ -190,12 +191,14 @@ def _start_forward(states: list, args: tuple, kwargs: dict) -> None:
             state.previous_ids = None
 
 
-def _blocks_or_raise(model: nn.Module) -> list[MoEBlock]:
+def _blocks_or_raise(model: nn.Module, reuse_bias: float) -> list[MoEBlock]:
+    """The model's MoE blocks, with its routing learned and checked against the reuse bias
+    before anything is changed."""
     family_of(model.config)  # raises NotImplementedError naming the class for unknown families
-    blocks = find_moe_blocks(model)
-    if not blocks:
-        raise NotImplementedError(
-            f"{type(model).__name__}: no MoE block with fused experts was found")
+    blocks = moe_blocks_or_raise(model)
+    learned = learn_routing(model)
+    if learned.spec is None and reuse_bias > 0:
+        raise NotImplementedError(f"reuse_bias={reuse_bias}: {learned.unsupported}")
     return blocks
 
 
@@ -229,7 +232,7 @@ def patch(model: nn.Module, *, slots_per_layer: int | None = None,
                          "(use remoe_engine.load(path, store='disk') to stream from files)")
     if getattr(model, "_remoe_patched", False):
         raise RuntimeError(f"{type(model).__name__} is already patched; unpatch() it first")
-    blocks = _blocks_or_raise(model)
+    blocks = _blocks_or_raise(model, reuse_bias)
     first = [next(b.experts.parameters()) for b in blocks]
     devices = [p.device for p in first]
     requires_grad = [p.requires_grad for p in first]
@@ -407,6 +410,24 @@ def _mapped_ranges(paths: set[str]) -> list[tuple[int, int]]:
     return ranges
 
 
+def _model_class(config) -> type:
+    """The class a checkpoint's model is: its causal-LM class, else the class its config names
+    (multimodal models, and families transformers maps to no causal LM, e.g. Mistral 4)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        pass
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise NotImplementedError(f"{type(config).__name__}: transformers maps it to no causal-LM "
+                              "class and its config.json names no architecture")
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     """The compute device, checked before anything is loaded."""
     try:
@@ -460,7 +481,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
         StoreError: the expert files are missing, corrupt, not regular files, or do not match
             the model (layers, experts, tensor names, shapes).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from remoe_engine.store import ExpertStore
 
@@ -482,17 +503,17 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
     # gigabytes (and before it could block on a FIFO in place of a shard).
     expert_store = (ExpertStore.from_packed(packed) if packed is not None
                     else ExpertStore.from_checkpoint(path))
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    model_class = _model_class(config)
     with _experts_never_loaded(model_class, family_of(config).model_type):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
-                                                     **from_pretrained_kwargs)
+        model = model_class.from_pretrained(path, dtype=dtype or "auto",
+                                            **from_pretrained_kwargs)
     model.to(device).eval()
     if device.type == "cpu":
         # The model must not depend on the checkpoint's bytes after loading (SIGBUS otherwise).
         checkpoint_files = [os.path.join(path, f) for f in os.listdir(path)
                             if f.endswith(".safetensors")]
         _detach_from_files(model, checkpoint_files)
-    blocks = _blocks_or_raise(model)
+    blocks = _blocks_or_raise(model, reuse_bias)
     _check_store_matches(expert_store, blocks, family_of(config).model_type)
     compute_dtype = model.dtype
     if store == "host":

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from remoe_engine.families import RoutingSpec
+from remoe_engine.families import RoutingSpec, module_attr, router_outputs
 from remoe_engine.ops import route_topk, topk_overlap
 
 BIAS_SOURCES = ("resident", "previous")
@@ -30,9 +30,12 @@ BIAS_SOURCES = ("resident", "previous")
 class RouterState:
     """What a patched router needs besides its own parameters."""
 
-    spec: RoutingSpec
+    spec: RoutingSpec | None  # None: the router runs as it is (route_topk cannot reproduce it)
     reuse_bias: float = 0.0
     bias_source: str = "resident"
+    # The router's arguments after the hidden states, as its block passes them (for prefetch
+    # guesses, which call the router outside its block).
+    extra_args: Callable[[], tuple] = tuple
     # "resident": returns the bool [E] residency of this layer on the logits' device.
     resident: Callable[[], torch.Tensor] | None = None
     # Sequence shape (B, S) of the current forward, set by patch()'s pre-hook on the decoder.
@@ -61,35 +64,51 @@ def patched_router_class(original: type) -> type:
     return _SUBCLASSES[original]
 
 
-def _router_logits(router: nn.Module, hidden: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
-    """The family's own logits, bit for bit: fp32 for DeepSeek, with the bias for GPT-OSS."""
-    weight = router.weight
+def _original_forward(router: nn.Module, *args, **kwargs):
+    return type(router)._remoe_original_class.forward(router, *args, **kwargs)
+
+
+def _router_logits(router: nn.Module, hidden: torch.Tensor, spec: RoutingSpec,
+                   *args, **kwargs) -> torch.Tensor:
+    """The family's own logits, bit for bit: one linear map of the router's parameters (in fp32
+    for DeepSeek, with the bias for GPT-OSS), or, for routers whose logits are not that, the
+    first output of the router's own forward."""
+    if spec.logits_from == "forward":
+        return router_outputs(_original_forward(router, hidden, *args, **kwargs))[0]
+    weight = module_attr(router, spec.weight_attr)
+    bias = None if spec.bias_attr is None else module_attr(router, spec.bias_attr)
     if spec.logits_in_fp32:
         hidden, weight = hidden.float(), weight.float()
-    return F.linear(hidden, weight, getattr(router, "bias", None))
+        bias = None if bias is None else bias.float()
+    return F.linear(hidden, weight, bias)
 
 
-def _patched_forward(self, hidden_states: torch.Tensor):
+def _patched_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     state: RouterState = self._remoe
     spec = state.spec
+    if spec is None:  # route_topk cannot reproduce this router: it runs as it is, unbiased
+        return _original_forward(self, hidden_states, *args, **kwargs)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
-    logits = _router_logits(self, hidden, spec)  # [T, E]
-    kwargs = spec.op_kwargs(self)
+    logits = _router_logits(self, hidden, spec, *args, **kwargs)  # [T, E]
+    op_kwargs = spec.op_kwargs(self, args)
     bias = 0.0 if self.training else state.reuse_bias  # the bias is an inference-time lever
     if bias == 0.0:
-        weights, ids = route_topk(logits, spec.top_k, **kwargs)
+        weights, ids = route_topk(logits, spec.top_k, **op_kwargs)
     elif state.bias_source == "resident":
         prefer = state.resident()  # [E] bool
-        weights, ids = route_topk(logits, spec.top_k, prefer=prefer, reuse_bias=bias, **kwargs)
+        weights, ids = route_topk(logits, spec.top_k, prefer=prefer, reuse_bias=bias, **op_kwargs)
     else:
-        weights, ids = _route_with_previous(state, logits, kwargs)
+        weights, ids = _route_with_previous(state, logits, op_kwargs)
     if bias != 0.0:
-        _, unbiased = route_topk(logits, spec.top_k, **kwargs)
+        _, unbiased = route_topk(logits, spec.top_k, **op_kwargs)
         # Chosen ids the unbiased router also chose; summed on the device, no host sync here.
         state.agree = state.agree + topk_overlap(ids, unbiased).sum()
         state.routed += ids.numel()
     if spec.weights_in_logits_dtype:
         weights = weights.to(logits.dtype)
+    if spec.keeps_batch_dims and hidden_states.dim() == 3:
+        lead = hidden_states.shape[:-1]
+        return logits.view(*lead, -1), weights.view(*lead, -1), ids.view(*lead, -1)
     return logits, weights, ids
 
 
@@ -130,9 +149,13 @@ def unbiased_ids(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     Returns:
         int64 [T, K] on hidden's device.
     """
-    spec = router._remoe.spec
-    logits = _router_logits(router, hidden.reshape(-1, hidden.shape[-1]), spec)
-    return route_topk(logits, spec.top_k, **spec.op_kwargs(router))[1]
+    state = router._remoe
+    spec, args = state.spec, state.extra_args()
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if spec is None:
+        return router_outputs(_original_forward(router, hidden, *args))[2].long()
+    logits = _router_logits(router, hidden, spec, *args)
+    return route_topk(logits, spec.top_k, **spec.op_kwargs(router, args))[1]
 
 
 def install(router: nn.Module, state: RouterState) -> None:

@@ -661,7 +661,7 @@ class ExpertStore:
         full_config = _read_config(directory, required=model_type is None)
         config = _text_config(directory, full_config, required=model_type is None)
         model_type = model_type or config["model_type"]
-        layout_spec = families.disk_layout_of(model_type)
+        layout_spec = families.disk_layout_of(model_type, config)
         tensors = (read_safetensors_header(only) if only is not None
                    else _checkpoint_tensors(directory, full_config))
         # Layers past num_hidden_layers are not part of the model transformers builds (DeepSeek-V3
@@ -782,8 +782,12 @@ class ExpertStore:
         if not blocks:
             raise ValueError(f"{type(model).__name__} has no MoE blocks")
         family = families.family_of(model.config)
-        params = families.DISK_LAYOUTS[family.disk_layout].params
         first = blocks[0].experts
+        # The slot order is the experts module's parameter order, as for a checkpoint's layout.
+        params = [name for name, _ in first.named_parameters(recurse=False)]
+        if not params:
+            raise ValueError(f"{blocks[0].name}.experts has no parameters: the experts were "
+                             "never loaded (or already taken)")
         dtype = getattr(first, params[0]).dtype
         shapes = [(p, tuple(getattr(first, p).shape[1:])) for p in params]
         num_experts = int(first.num_experts)

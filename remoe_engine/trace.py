@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from remoe_engine.families import family_of, find_moe_blocks
+from remoe_engine.families import family_of, find_moe_blocks, router_outputs
 
 __all__ = [
     "FORMAT_VERSION",
@@ -303,21 +302,22 @@ class RouterTap:
         probs: keep softmax(logits) float32 [T, E] of each call, on the host.
         logits: keep each call's logits as the router returned them: on their device, with
             their autograd graph (the fine-tuning loss reads them). Use `take()` per forward.
-        reference: per MoE layer a frozen router `(weight [E, H], bias [E] | None)` (see
-            `frozen_routers`): each call also keeps that router's fp32 logits for the same hidden
-            states, without gradient, on their device. This compares two routers on identical
-            inputs (a fine-tuned router against the original, or a biased choice against the
-            unbiased one).
+        reference: per MoE layer a frozen copy of a router (see `frozen_routers`): each call also
+            keeps that router's fp32 logits and its own choice of experts for the same hidden
+            states, without gradient. This compares two routers on identical inputs (a
+            fine-tuned router against the original, or a biased choice against the unbiased
+            one), each with its family's own rule.
         ids_on_host: copy the ids to host int32 (one copy per layer and call: fine for tracing
             and evaluation, not a serving path); False keeps them on their device.
 
     Attributes:
         blocks: the MoE blocks, in layer order.
-        ids, probs, logits, reference_logits: per MoE layer, one tensor per call, in call order.
+        ids, probs, logits, reference_logits, reference_ids: per MoE layer, one tensor per call,
+            in call order.
     """
 
     def __init__(self, model: nn.Module, *, probs: bool = False, logits: bool = False,
-                 reference: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+                 reference: list[nn.Module] | None = None,
                  ids_on_host: bool = True) -> None:
         self.blocks = find_moe_blocks(model)
         if not self.blocks:
@@ -332,25 +332,33 @@ class RouterTap:
         self.probs: list[list[torch.Tensor]] = [[] for _ in range(L)]
         self.logits: list[list[torch.Tensor]] = [[] for _ in range(L)]
         self.reference_logits: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        self.reference_ids: list[list[torch.Tensor]] = [[] for _ in range(L)]
         self._handles: list[Any] = []
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            logits, ids = output[0], output[2]  # [T, E], [T, K]
-            logits = logits.reshape(-1, logits.shape[-1])
+            logits, _, ids = router_outputs(output)  # [T, E] (None for a few routers), [T, K]
             ids = ids.detach().reshape(-1, ids.shape[-1])
             self.ids[layer].append(ids.to("cpu", torch.int32) if self.ids_on_host else ids)
+            if (self.keep_probs or self.keep_logits) and logits is None:
+                raise ValueError(f"{type(module).__name__} returns no router logits to record")
+            if logits is not None:
+                logits = logits.reshape(-1, logits.shape[-1])
             if self.keep_probs:
                 self.probs[layer].append(torch.softmax(logits.detach().float(), dim=-1).cpu())
             if self.keep_logits:
                 self.logits[layer].append(logits)
             if self.reference is not None:
-                hidden = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, H]
-                weight, bias = self.reference[layer]
+                frozen = self.reference[layer]
+                inputs = [a.detach().float() if isinstance(a, torch.Tensor)
+                          and a.is_floating_point() else a for a in args]
                 with torch.no_grad():
-                    self.reference_logits[layer].append(F.linear(
-                        hidden, weight.to(hidden.device),
-                        None if bias is None else bias.to(hidden.device)))
+                    ref_logits, _, ref_ids = router_outputs(frozen(*inputs))
+                if ref_logits is None:
+                    raise ValueError(f"{type(module).__name__} returns no router logits to "
+                                     "compare with")
+                self.reference_logits[layer].append(ref_logits.reshape(-1, ref_logits.shape[-1]))
+                self.reference_ids[layer].append(ref_ids.reshape(-1, ref_ids.shape[-1]).cpu())
 
         return hook
 
@@ -374,7 +382,8 @@ class RouterTap:
 
     def clear(self) -> None:
         """Forget every recorded call (the hooks stay)."""
-        for calls in (self.ids, self.probs, self.logits, self.reference_logits):
+        for calls in (self.ids, self.probs, self.logits, self.reference_logits,
+                      self.reference_ids):
             for per_layer in calls:
                 per_layer.clear()
 
@@ -417,15 +426,21 @@ class RouterTap:
                             probs=probs)
 
 
-def frozen_routers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """fp32 copies of a model's router weights (and biases), in MoE-layer order: the reference a
-    `RouterTap` compares with after the routers change (fine-tuning, a router delta)."""
-    out = []
+def frozen_routers(model: nn.Module) -> list[nn.Module]:
+    """Frozen fp32 copies of a model's routers, in MoE-layer order, unpatched: the reference a
+    `RouterTap` compares with after the routers change (fine-tuning, a router delta, a bias)."""
+    import copy
+
+    frozen = []
     for block in find_moe_blocks(model):
-        bias = getattr(block.router, "bias", None)
-        out.append((block.router.weight.detach().float().clone(),
-                    None if bias is None else bias.detach().float().clone()))
-    return out
+        router = copy.deepcopy(block.router)
+        original = getattr(type(router), "_remoe_original_class", None)
+        if original is not None:  # a patched router: its own forward, not route_topk's
+            router.__class__ = original
+            router.__dict__.pop("_remoe", None)
+        router.float().eval().requires_grad_(False)
+        frozen.append(router)
+    return frozen
 
 
 @torch.no_grad()

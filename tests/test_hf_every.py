@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_every import Unbuildable, build_tiny, moe_model_types
+
+from remoe_engine.tiny_models import Unbuildable, build_tiny, moe_model_types
 
 MIN_BUILDABLE = 0.8  # share of families that must build; the rest carry a reason
 

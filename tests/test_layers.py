@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "remoe_engine"
 
 # Bottom up, as docs/design.md section 3 draws them; a module may import its own layer and below.
 LAYERS = [
-    {"units", "hf_compat"},
+    {"units", "hf_compat", "tiny_models"},
     {"ops", "reference", "sim_reference"},
     {"families"},
     {"store"},
@@ -24,7 +24,7 @@ LAYERS = [
     {"evaluation"},
     {"zoo"},
     {"finetune"},
-    {"compare", "cli", "commands", "__main__"},
+    {"compare", "coverage", "cli", "commands", "__main__"},
 ]
 
 
@@ -101,8 +101,9 @@ def test_only_families_py_names_a_family():
 
     names = set(FAMILIES) | {"block_sparse_moe", "deepseek", "mixtral", "qwen", "gpt_oss"}
     # The built-in model is a Qwen3-MoE by definition: its training script builds that config.
+    # tiny_models shrinks every family's config for `remoe families`: per-family config data.
     allowed = {PACKAGE / "families.py", PACKAGE / "zoo" / "train.py",
-               PACKAGE / "commands" / "zoo.py"}
+               PACKAGE / "commands" / "zoo.py", PACKAGE / "tiny_models.py"}
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         if path in allowed:
