@@ -1,13 +1,21 @@
-"""The one place that knows Hugging Face MoE families.
+"""The one place that knows Hugging Face MoE families, mostly by asking the model and transformers.
 
-Each family maps to its routing spec (what `route_topk` must do to reproduce the family's router
-exactly), its router attribute, and its on-disk expert key layout. Everything else (the router
-swap, the expert computation, the store, the tracer, fine-tuning) asks this module and stays
-generic. A new family is one entry in `FAMILIES`.
+- Which models: every model type whose experts go through transformers' ExpertsInterface
+  (`experts_interface_model_types`).
+- Where the router is (`router_call_of`): the MoE block's child whose expert ids reach the
+  experts, and the block attributes it passes along.
+- How it routes (`learn_routing`): the `route_topk` arguments that reproduce every router of the
+  model exactly on random hidden states; `FAMILIES` is a cache of known answers, verified the same
+  way, never the gate.
+- How checkpoints store experts (`learned_layout`): transformers' own conversion rules.
+
+Everything else (the router swap, the expert computation, the store, the tracer, fine-tuning)
+asks this module and stays generic.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,12 +131,6 @@ FAMILIES: dict[str, Family] = {
                lambda c: _softmax_topk(c, renormalize=True, fp32_weights=True)),
     ]
 }
-
-
-def supported_model_types() -> list[str]:
-    """Model types of the table (routing verified by tests/test_patch.py); every other model type
-    that transformers runs through ExpertsInterface is learned from the model at patch time."""
-    return sorted(FAMILIES)
 
 
 def experts_interface_model_types() -> list[str]:
@@ -631,9 +633,11 @@ def _candidate_specs(config, block: MoEBlock, top_k: int):
     groups = [(1, 1, "max")]
     if isinstance(n_group, int) and n_group > 1 and E % n_group == 0:
         groups += [(n_group, topk_group, "top2_sum"), (n_group, topk_group, "max")]
-    scaling = getattr(config, "routed_scaling_factor", None)
-    scalings = [1.0] + ([float(scaling)] if isinstance(scaling, (int, float))
-                        and scaling not in (0, 1) else [])
+    scalings = [1.0] + sorted({
+        float(value) for name in ("routed_scaling_factor", "router_scaling_factor", "route_scale",
+                                  "moe_router_scaling_factor")
+        if isinstance(value := getattr(config, name, None), (int, float))
+        and not isinstance(value, bool) and value not in (0, 1)})
     norm = getattr(config, "norm_topk_prob", None)
     renorms = [bool(norm), not bool(norm)] if norm is not None else [True, False]
     for scoring, renorm, correction, (g, tg, gs), scale, in_dtype in itertools.product(
@@ -677,6 +681,8 @@ class DiskLayout:
     # Every key of the routed experts, as stored and as transformers names them after its
     # conversion (fused, under the block's `mlp.experts`): what `load()` expects to leave unread.
     key_patterns: tuple[str, ...] = ()
+    # Other ways the same parameters may be stored, tried in order when this one matches no key.
+    alternatives: tuple[DiskLayout, ...] = ()
 
 
 def disk_layout_of(model_type: str, config: dict | None = None) -> DiskLayout:
@@ -713,16 +719,68 @@ def learned_layout(model_type: str, config: dict | None = None) -> DiskLayout:
     - A renaming onto the experts parameter, or no rule at all, means the checkpoint stores the
       parameter fused, all experts stacked on dim 0.
 
+    As `from_pretrained`, which applies a rule only where its source keys exist, the layout holds
+    alternatives (`DiskLayout.alternatives`): the type's own rules, the fused parameters as the
+    model names them (a checkpoint `save_pretrained` wrote fused), and every other stacking rule
+    transformers has for these parameters. The store takes the first that matches the files.
+
     Raises:
-        NotImplementedError: naming the conversion step that is not a byte-range copy.
+        NotImplementedError: naming the conversion step that is not a byte-range copy, when no
+            alternative is left.
     """
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     experts_path, params, names = _experts_params(model_type, config)
     # The rules are registered under the model type, its folder's, or a model class's name
     # ("Dots3NoteTextModel").
-    rules = next((r for key in (model_type, *names)
-                  if (r := get_checkpoint_conversion_mapping(key))), None) or []
+    own = next((r for key in (model_type, *names)
+                if (r := get_checkpoint_conversion_mapping(key))), None) or []
+    layouts, refusal = [], None
+    for rules in [own, [], *_every_rule_set()]:
+        if refusal is not None:
+            break  # the type's own rules refused: another family's stacking would be wrong
+        try:
+            layout = _layout_from_rules(model_type, experts_path, params, rules,
+                                        own=rules is own or not rules)
+        except _IrrelevantRules:
+            continue
+        except NotImplementedError as error:
+            if rules is own:
+                refusal = error
+            continue
+        if layout.pieces not in [known.pieces for known in layouts]:
+            layouts.append(layout)
+    if refusal is not None:
+        raise refusal
+    first = layouts[0]
+    return dataclasses.replace(first, alternatives=tuple(layouts[1:]), key_patterns=tuple(
+        dict.fromkeys(p for layout in layouts for p in layout.key_patterns)))
+
+
+class _IrrelevantRules(Exception):
+    """A rule set that builds none of these experts' parameters."""
+
+
+def _every_rule_set() -> list[list]:
+    """Every distinct list of conversion rules transformers registers (the stacking rules of
+    qwen2_moe, mixtral, ... that other families reuse)."""
+    try:
+        from transformers.conversion_mapping import _build_checkpoint_conversion_mapping
+
+        mapping = _build_checkpoint_conversion_mapping()
+    except (ImportError, AttributeError, TypeError):
+        return []
+    seen, out = set(), []
+    for rules in mapping.values():
+        key = repr([(type(r).__name__, r.source_patterns, r.target_patterns) for r in rules])
+        if key not in seen and any(type(r).__name__ == "WeightConverter" for r in rules):
+            seen.add(key)
+            out.append(rules)
+    return out
+
+
+def _layout_from_rules(model_type: str, experts_path: str, params: list[str],
+                       rules: list, own: bool = True) -> DiskLayout:
     pieces = []
     for param in params:
         target = f"experts.{param}"
@@ -733,12 +791,16 @@ def learned_layout(model_type: str, config: dict | None = None) -> DiskLayout:
         if converter is not None:
             for op in converter.operations:
                 name = type(op).__name__
-                if _MERGE_OPS.get(name) != getattr(op, "dim", None):
+                if name not in _MERGE_OPS or getattr(op, "dim", None) != _MERGE_OPS[name]:
                     raise NotImplementedError(
                         f"{model_type}: its checkpoint builds experts.{param} with {name}"
                         f"(dim={getattr(op, 'dim', None)}), not a byte-range copy")
             for part, source in enumerate(converter.source_patterns):
-                pieces.append(DiskPiece(_LAYER_PREFIX + _expert_glob(source) + "$", param, part))
+                fused = "*" not in source
+                pattern = _expert_glob(source) if not fused else re.escape(source.lstrip("."))
+                pieces.append(DiskPiece(_LAYER_PREFIX + pattern + "$", param, part, fused))
+        elif not own:
+            raise _IrrelevantRules  # another family's rules must build every parameter
         elif renaming is not None:
             source = renaming.source_patterns[0].lstrip("^")
             source = source[2:] if source.startswith("\\.") else source.lstrip(".")
@@ -746,6 +808,11 @@ def learned_layout(model_type: str, config: dict | None = None) -> DiskLayout:
         else:
             pieces.append(DiskPiece(_LAYER_PREFIX + re.escape(f"{experts_path}.{param}") + "$",
                                     param, 0, fused=True))
+    if rules and all(p.fused for p in pieces) and not any(
+            type(r).__name__ == "WeightRenaming" and any(
+                t.endswith(f"experts.{param}") for t in r.target_patterns for param in params)
+            for r in rules):
+        raise _IrrelevantRules
     in_memory = r"(?:^|\.)layers\.\d+\." + re.escape(experts_path) + r"\."
     return DiskLayout(model_type, tuple(params), tuple(pieces),
                       key_patterns=(in_memory, *(p.pattern for p in pieces)))
@@ -766,15 +833,25 @@ def _experts_params(model_type: str, config: dict | None
     a model type, from a model built on the meta device (the type's default config, else
     `config`)."""
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     model, errors = None, []
-    attempts = [{}] + ([{k: v for k, v in config.items() if k != "model_type"}] if config else [])
-    for overrides in attempts:
-        for auto in (AutoModelForCausalLM, AutoModel):
+    # The type's defaults, then the checkpoint's own config: its text part, then all of it
+    # (DeepSeek-OCR-2's text model has no class of its own; the checkpoint's class builds it).
+    attempts = [(model_type, {})]
+    for part in (config, (config or {}).get("_full")):
+        if part:
+            attempts.append((part.get("model_type", model_type),
+                             {k: v for k, v in part.items() if k not in ("model_type", "_full")}))
+    named = ((config or {}).get("_full") or config or {}).get("architectures") or []
+    builders = [AutoModelForCausalLM.from_config, AutoModel.from_config] + [
+        getattr(transformers, name)._from_config for name in named if hasattr(transformers, name)]
+    for kind, overrides in attempts:
+        for build in builders:
             try:
                 with torch.device("meta"):
-                    model = auto.from_config(AutoConfig.for_model(model_type, **overrides))
+                    model = build(AutoConfig.for_model(kind, **overrides))
                 break
             except Exception as error:  # a config transformers cannot build from  # noqa: BLE001
                 errors.append(f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")

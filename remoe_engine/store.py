@@ -661,12 +661,12 @@ class ExpertStore:
         full_config = _read_config(directory, required=model_type is None)
         config = _text_config(directory, full_config, required=model_type is None)
         model_type = model_type or config["model_type"]
-        layout_spec = families.disk_layout_of(model_type, config)
+        layout_spec = families.disk_layout_of(model_type, {**config, "_full": full_config})
         tensors = (read_safetensors_header(only) if only is not None
                    else _checkpoint_tensors(directory, full_config))
         # Layers past num_hidden_layers are not part of the model transformers builds (DeepSeek-V3
         # keeps its multi-token-prediction layer 61 on disk): never index them.
-        layout, layers, num_experts, segments = _index_experts(
+        layout, layers, num_experts, segments = _index_any(
             tensors, layout_spec, config.get("num_hidden_layers"))
         used = {s.file for segs in segments.values() for s in segs}
         identities = {t.file: t.identity for t in tensors.values() if t.file in used}
@@ -1221,6 +1221,23 @@ def _checkpoint_tensors(directory: Path, config: dict) -> dict[str, TensorInfo]:
     return tensors
 
 
+def _index_any(tensors: dict[str, TensorInfo], spec: families.DiskLayout,
+               num_layers: int | None):
+    """`_index_experts` with the first of a layout and its alternatives that matches any key
+    (transformers applies a conversion rule only where its source keys exist, too)."""
+    first_error = None
+    for candidate in (spec, *spec.alternatives):
+        try:
+            return _index_experts(tensors, candidate, num_layers)
+        except _NoExpertKeys as error:
+            first_error = first_error or error
+    raise first_error
+
+
+class _NoExpertKeys(StoreError):
+    """No checkpoint key matches a layout's pieces."""
+
+
 def _index_experts(tensors: dict[str, TensorInfo], spec: families.DiskLayout,
                    num_layers: int | None = None,
                    ) -> tuple[SlotLayout, list[int], int, dict[tuple[int, int], list[Segment]]]:
@@ -1236,7 +1253,7 @@ def _index_experts(tensors: dict[str, TensorInfo], spec: families.DiskLayout,
                 found[(int(m["L"]), None if piece.fused else int(m["E"]), i)] = info
                 break
     if not found:
-        raise StoreError(f"no routed expert tensors of the '{spec.name}' layout found among "
+        raise _NoExpertKeys(f"no routed expert tensors of the '{spec.name}' layout found among "
                          f"{len(tensors)} checkpoint tensors (e.g. '{next(iter(tensors), '')}')")
     layers = sorted({layer for layer, _, _ in found})
     fused = all(piece.fused for piece in spec.pieces)

@@ -36,6 +36,9 @@ VOCAB = 256
 POSITIONS = 128
 MAX_PARAMS = 5_000_000  # a tiny model here has well under 1M; more means a field was missed
 WINDOW = 8  # smaller than the 12 tokens a check sees, so sliding-window masks really cut
+# No expert matrix may be square: with I, 2I and the dense width all unlike HIDDEN, a checkpoint
+# read transposed (or gate and up swapped for down) changes a shape and cannot pass a check.
+EXPERT_WIDTH, DENSE_WIDTH = 24, 40
 
 # Exact field names -> tiny value. A value is only ever lowered: a 0 or a small default stays.
 SIZES: dict[str, int] = {
@@ -76,7 +79,7 @@ SIZES: dict[str, int] = {
     "mlp_dim": 64,
     "output_channels": 64,
     "downsample_hidden_size": 32,
-    "moe_hidden_size": 32,
+    "moe_hidden_size": EXPERT_WIDTH,
 }
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
                  "num_routed_experts")
@@ -216,8 +219,8 @@ def _shrink(cfg) -> dict:
         if not isinstance(cur, int) or isinstance(cur, bool) or name in SIZES:
             continue
         if name.endswith(("intermediate_size", "ffn_hidden_size", "ffn_dim", "_hidden_size")):
-            # Dense MLPs twice the expert width, so the two cannot be confused in a shape.
-            lower(name, 32 if any(s in name for s in ("moe", "expert", "shared")) else 64)
+            lower(name, EXPERT_WIDTH if any(s in name for s in ("moe", "expert", "shared"))
+                  else DENSE_WIDTH)
         elif name.endswith("head_dim"):
             lower(name, HEAD_DIM)
         elif name.endswith("heads"):
@@ -232,9 +235,9 @@ def _shrink(cfg) -> dict:
             new[name] = [min(c, HIDDEN) if isinstance(c, int) else c for c in cur]
     for name, cur in old.items():
         if name.endswith("intermediate_size") and "moe" in name and cur is None:
-            new[name] = 32  # DiffusionGemma leaves its MoE sizes None yet builds experts
+            new[name] = EXPERT_WIDTH  # DiffusionGemma leaves its MoE sizes None, builds experts
         elif name.endswith("intermediate_size") and isinstance(cur, list):
-            new[name] = [min(c, 32) for c in cur]  # ERNIE-VL: [text experts, vision experts]
+            new[name] = [min(c, EXPERT_WIDTH) for c in cur]  # ERNIE-VL: [text, vision experts]
     for name, cur in old.items():
         if cur is False and "moe" in name and name.startswith(("enable", "use")):
             new[name] = True  # Gemma-4 builds its MoE block only when asked

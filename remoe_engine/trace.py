@@ -433,11 +433,16 @@ def frozen_routers(model: nn.Module) -> list[nn.Module]:
 
     frozen = []
     for block in find_moe_blocks(model):
-        router = copy.deepcopy(block.router)
+        # A patched router's state reaches the pool, which is not copied: copy without it.
+        state = block.router.__dict__.pop("_remoe", None)
+        try:
+            router = copy.deepcopy(block.router)
+        finally:
+            if state is not None:
+                block.router._remoe = state
         original = getattr(type(router), "_remoe_original_class", None)
         if original is not None:  # a patched router: its own forward, not route_topk's
             router.__class__ = original
-            router.__dict__.pop("_remoe", None)
         router.float().eval().requires_grad_(False)
         frozen.append(router)
     return frozen

@@ -14,12 +14,19 @@ from remoe_engine import cli, coverage, families
 from remoe_engine.tiny_models import build_tiny, moe_model_types
 
 TYPES = moe_model_types()
+_RESULTS: dict[str, coverage.Coverage] = {}  # each family is checked once per session
+
+
+def _check(model_type: str) -> coverage.Coverage:
+    if model_type not in _RESULTS:
+        _RESULTS[model_type] = coverage.check_model_type(model_type)
+    return _RESULTS[model_type]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", TYPES)
 def test_every_family_is_exact_or_says_why(model_type):
-    result = coverage.check_model_type(model_type)
+    result = _check(model_type)
     assert result.outcome != "WRONG", result.reason
     if result.outcome in ("refused", "not built", "exact, no bias"):
         assert result.reason, result
@@ -29,7 +36,7 @@ def test_every_family_is_exact_or_says_why(model_type):
 
 @pytest.mark.slow
 def test_nine_in_ten_families_that_build_run_exactly():
-    results = [coverage.check_model_type(t) for t in TYPES]
+    results = [_check(t) for t in TYPES]
     built = [r for r in results if r.outcome != "not built"]
     exact = [r for r in built if r.outcome in ("exact", "exact, no bias")]
     assert len(exact) >= 0.9 * len(built), coverage.format_table(results)
