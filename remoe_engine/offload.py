@@ -148,9 +148,12 @@ def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device
     # shape, and must forget the previous tokens' experts when a forward starts new sequences.
     # One pre-hook on the decoder sees both (its input ids and its cache) once per forward.
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    states = handle._router_states
+    sequences = _Sequences(handle._router_states)
     handle._hooks.append(decoder.register_forward_pre_hook(
-        lambda mod, args, kwargs: _start_forward(states, args, kwargs), with_kwargs=True))
+        lambda mod, args, kwargs: sequences.start_forward(args, kwargs), with_kwargs=True))
+    # always_call: an exception inside the forward must not leave the engine locked.
+    handle._hooks.append(decoder.register_forward_hook(
+        lambda mod, args, out: sequences.end_forward(out), always_call=True))
 
     experts_impl.register()
     previous_impl = model.config._experts_implementation
@@ -169,26 +172,74 @@ def _resident_fn(pool, layer: int, device: torch.device):
     return resident
 
 
-def _start_forward(states: list, args: tuple, kwargs: dict) -> None:
-    """Tell every router the forward's sequence shape (B, S); forget the previous tokens'
-    experts when the cache is empty (new sequences)."""
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    if tokens is None:
-        tokens = kwargs.get("inputs_embeds")
-    batch_shape = (tuple(int(n) for n in tokens.shape[:2])
-                   if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None)
-    # transformers 5.24 renamed `past_key_values` to `cache`; accept both.
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    length = 0
-    if cache is not None:
+class _Sequences:
+    """One forward at a time through the engine, and each sequence's own routing state.
+
+    Concurrent `generate()` calls share the routers, the pool and its pins. Forwards are
+    serialized (a lock held from the decoder's pre-hook to its post-hook): one forward pins and
+    releases its slots before the next starts, so no call fails for slots another holds, and the
+    counters add up. On one device the forwards would queue for the compute anyway.
+
+    The "previous" bias source prefers the experts the previous token OF THE SAME SEQUENCE chose,
+    so that state belongs to the sequence, not to the router module: it is kept per KV cache
+    object (a generate() call's own cache), and a forward without a cache starts afresh.
+    """
+
+    def __init__(self, states: list) -> None:
+        import threading
+        import weakref
+
+        self.states = states
+        self.lock = threading.RLock()
+        # cache object -> {router state index: previous ids [B, K]}
+        self.by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def start_forward(self, args: tuple, kwargs: dict) -> None:
+        """Tell every router the forward's sequence shape (B, S) and its sequences' previous
+        experts (none when the cache is empty: new sequences)."""
+        self.lock.acquire()
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        batch_shape = (tuple(int(n) for n in tokens.shape[:2])
+                       if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None)
+        # transformers 5.24 renamed `past_key_values` to `cache`; accept both.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        length = 0
+        if cache is not None:
+            try:
+                length = int(cache.get_seq_length())
+            except (AttributeError, TypeError):
+                length = 0
+        previous: dict = {}
+        self.pending = previous if cache is None else None
+        if cache is not None:
+            try:
+                if length == 0 or cache not in self.by_cache:
+                    self.by_cache[cache] = {}
+                previous = self.by_cache[cache]
+            except TypeError:  # a cache that cannot be weakly referenced: one sequence per call
+                previous = {}
+        for index, state in enumerate(self.states):
+            state.batch_shape = batch_shape
+            state.sequence_previous = previous
+            state.index = index
+
+    def end_forward(self, output) -> None:
+        """Release the engine; a forward that started without a cache and made one (a prefill
+        without generate()) keeps its sequences' state under that cache for the next steps."""
         try:
-            length = int(cache.get_seq_length())
-        except (AttributeError, TypeError):
-            length = 0
-    for state in states:
-        state.batch_shape = batch_shape
-        if length == 0:
-            state.previous_ids = None
+            created = getattr(output, "past_key_values", None)
+            if created is None:
+                created = getattr(output, "cache", None)
+            if self.pending is not None and created is not None:
+                try:
+                    self.by_cache[created] = self.pending
+                except TypeError:
+                    pass
+        finally:
+            self.pending = None
+            self.lock.release()
 
 
 def _blocks_or_raise(model: nn.Module, reuse_bias: float) -> list[MoEBlock]:

@@ -14,7 +14,7 @@ state). The weights always come from the unbiased scores.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,10 @@ class RouterState:
     resident: Callable[[], torch.Tensor] | None = None
     # Sequence shape (B, S) of the current forward, set by patch()'s pre-hook on the decoder.
     batch_shape: tuple[int, int] | None = None
-    # "previous": the ids [B, K] the last token of each sequence chose; None at a sequence start.
-    previous_ids: torch.Tensor | None = None
+    # "previous": the ids [B, K] the last token of each sequence chose, kept per sequence (per KV
+    # cache, see offload._Sequences) under this router's `index`; absent at a sequence start.
+    sequence_previous: dict = field(default_factory=dict)
+    index: int = 0
     # Top-k agreement with the unbiased router, counted when the bias is on. `agree` stays a
     # tensor on the logits' device (summed without a host sync; read in Handle.stats()).
     agree: torch.Tensor | int = 0
@@ -124,7 +126,7 @@ def _route_with_previous(state: RouterState, logits: torch.Tensor, kwargs: dict)
     per_seq = logits.view(B, S, E)
     weights = logits.new_empty(B, S, state.spec.top_k, dtype=torch.float32)
     ids = torch.empty(B, S, state.spec.top_k, dtype=torch.int64, device=logits.device)
-    previous = state.previous_ids
+    previous = state.sequence_previous.get(state.index)
     if previous is not None and previous.shape[0] != B:
         previous = None
     for s in range(S):
@@ -137,7 +139,7 @@ def _route_with_previous(state: RouterState, logits: torch.Tensor, kwargs: dict)
                               reuse_bias=state.reuse_bias, **kwargs)
         weights[:, s], ids[:, s] = w, i
         previous = i
-    state.previous_ids = previous
+    state.sequence_previous[state.index] = previous
     return weights.view(T, -1), ids.view(T, -1)
 
 
