@@ -382,6 +382,9 @@ class SlotPool:
         return pinned
 
     def reset_stats(self) -> None:
+        """Zero the counters, after the loads still in flight (a prefetch) have landed: their
+        bytes belong to the counts being cleared, not to the next ones."""
+        self._pool.drain()
         self._pool.reset_stats()
 
 

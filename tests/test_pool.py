@@ -480,3 +480,16 @@ def test_large_packed_blobs_convert_chunk_by_chunk_into_float32_slots(tmp_path):
                 # Bitwise (random bytes include NaNs, which torch.equal never calls equal).
                 assert torch.equal(got[name].view(torch.int32),
                                    tensor.to(torch.float32).view(torch.int32)), (e, name)
+
+
+def test_reset_stats_waits_for_loads_in_flight(tmp_path):
+    """A prefetch still reading when the counters reset must not land its bytes in the new count
+    (a flaky `remoe run --prefetch` row: bytes read one slot above misses + prefetches)."""
+    store = synthetic_store(2, 8, shape=(256, 512))
+    packed = ExpertStore.from_packed(store.pack(tmp_path / "r.remoe", progress=False))
+    for _ in range(30):
+        pool = SlotPool(packed, slots_per_layer=8, o_direct=False)
+        pool.prefetch(packed.layers[0], list(range(8)))
+        pool.reset_stats()
+        stats = pool.stats()
+        assert stats["bytes_read"] == (stats["misses"] + stats["prefetches"]) * pool.slot_bytes
