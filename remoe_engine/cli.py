@@ -14,6 +14,7 @@ import sys
 # Modules that define `register(subparsers) -> None`; each parser sets `func(args) -> int`.
 _COMMAND_MODULES = [
     "remoe_engine.commands.run",
+    "remoe_engine.commands.serve",
     "remoe_engine.commands.trace",
     "remoe_engine.commands.simulate",
     "remoe_engine.commands.finetune",

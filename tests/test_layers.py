@@ -24,7 +24,7 @@ LAYERS = [
     {"evaluation"},
     {"zoo"},
     {"finetune"},
-    {"compare", "coverage", "cli", "commands", "__main__"},
+    {"compare", "coverage", "serve", "cli", "commands", "__main__"},
 ]
 
 
