@@ -42,6 +42,45 @@ def finite_nonnegative(text: str) -> float:
     return value
 
 
+def memory_budget(text: str | None) -> int | None:
+    """A `--memory-budget` value in bytes (None when not given), or a one-line CommandError."""
+    if text is None:
+        return None
+    from remoe_engine.units import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise CommandError(f"--memory-budget: {error}") from None
+
+
+def checked_model_dir(model: str | None) -> str:
+    """The checkpoint folder a command runs (default: the built-in model), checked up front:
+    a folder, with a config.json and a tokenizer."""
+    import os
+
+    if model is None:
+        from remoe_engine import zoo
+
+        try:
+            return str(zoo.path("tiny"))
+        except zoo.ZooError as error:
+            raise CommandError(f"{error}; pass --model PATH") from None
+    if not os.path.isdir(model):
+        raise CommandError(f"--model {model}: not a directory")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        raise CommandError(f"--model {model}: no config.json (not a Hugging Face checkpoint "
+                           "directory)")
+    if not any(os.path.exists(os.path.join(model, name)) for name in _TOKENIZER_FILES):
+        raise CommandError(f"--model {model}: no tokenizer ({', '.join(_TOKENIZER_FILES)}); it "
+                           "is needed to encode prompts and text, so the folder needs one (save "
+                           "it with tokenizer.save_pretrained(folder))")
+    return model
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="remoe",

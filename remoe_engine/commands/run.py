@@ -16,8 +16,7 @@ import json
 import os
 import sys
 
-from remoe_engine.cli import CommandError, finite_nonnegative
-from remoe_engine.units import parse_bytes
+from remoe_engine.cli import CommandError, checked_model_dir, finite_nonnegative, memory_budget
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -104,38 +103,9 @@ def _write_report(report: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _checked_model_dir(model: str | None) -> str:
-    """The checkpoint folder to run, with what `remoe run` needs checked up front."""
-    if model is None:
-        from remoe_engine import zoo
-
-        try:
-            return str(zoo.path("tiny"))
-        except zoo.ZooError as error:
-            raise CommandError(f"{error}; pass --model PATH") from None
-    if not os.path.isdir(model):
-        raise CommandError(f"--model {model}: not a directory")
-    if not os.path.exists(os.path.join(model, "config.json")):
-        raise CommandError(f"--model {model}: no config.json (not a Hugging Face checkpoint "
-                           "directory)")
-    if not any(os.path.exists(os.path.join(model, name)) for name in _TOKENIZER_FILES):
-        raise CommandError(f"--model {model}: no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
-                           "remoe run encodes a prompt and held-out text, so the folder needs "
-                           "one (save it with tokenizer.save_pretrained(folder))")
-    return model
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
 def run(args: argparse.Namespace) -> int:
-    model_dir = _checked_model_dir(args.model)
-    budget = None
-    if args.memory_budget is not None:
-        try:
-            budget = parse_bytes(args.memory_budget)
-        except ValueError as error:
-            raise CommandError(f"--memory-budget: {error}") from None
+    model_dir = checked_model_dir(args.model)
+    budget = memory_budget(args.memory_budget)
     if args.slots_per_layer is not None and args.slots_per_layer < 1:
         raise CommandError(f"--slots-per-layer must be >= 1, got {args.slots_per_layer}")
     if args.max_new_tokens < 2:

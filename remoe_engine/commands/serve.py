@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from remoe_engine.cli import CommandError, finite_nonnegative
+from remoe_engine.cli import CommandError, checked_model_dir, finite_nonnegative, memory_budget
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,20 +53,11 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     import remoe_engine
-    from remoe_engine import zoo
-    from remoe_engine.units import parse_bytes
 
-    model_dir = args.model or str(zoo.path("tiny"))
-    if not os.path.isdir(model_dir):
-        raise CommandError(f"--model {model_dir}: not a directory")
+    model_dir = checked_model_dir(args.model)
+    budget = memory_budget(args.memory_budget)
     if not 0 < args.port < 65536:
         raise CommandError(f"--port must be in [1, 65535], got {args.port}")
-    budget = None
-    if args.memory_budget is not None:
-        try:
-            budget = parse_bytes(args.memory_budget)
-        except ValueError as error:
-            raise CommandError(f"--memory-budget: {error}") from None
     print(f"remoe serve: loading {model_dir}", file=sys.stderr, flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
