@@ -136,14 +136,16 @@ FAMILIES: dict[str, Family] = {
 def experts_interface_model_types() -> list[str]:
     """Every model type of the installed transformers whose modeling file uses
     `use_experts_implementation` (fused experts behind ExpertsInterface)."""
-    from remoe_engine.tiny_models import moe_model_types
+    return list(_interface_types())
 
-    return moe_model_types()
+
+def text_config_of(config):
+    """The text model's config (a multimodal config's `get_text_config()`, else itself)."""
+    return getattr(config, "get_text_config", lambda: config)()
 
 
 def _model_type(config) -> str | None:
-    text_config = getattr(config, "get_text_config", lambda: config)()
-    return getattr(text_config, "model_type", None)
+    return getattr(text_config_of(config), "model_type", None)
 
 
 def family_of(config) -> Family:
@@ -159,9 +161,13 @@ def family_of(config) -> Family:
         return FAMILIES[model_type]
     if _uses_experts_interface(model_type):
         return Family(model_type, router_attr="", routing=_learned_only)
-    raise NotImplementedError(
-        f"remoe-engine does not support model type {model_type!r} ({type(config).__name__}): "
-        "its experts do not go through transformers' ExpertsInterface (fused experts); "
+    raise _not_experts_interface(f"{model_type!r} ({type(config).__name__})")
+
+
+def _not_experts_interface(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"remoe-engine does not support model type {what}: its experts do not go through "
+        "transformers' ExpertsInterface (fused experts); "
         f"{len(_interface_types())} model types of this transformers do")
 
 
@@ -169,9 +175,12 @@ _INTERFACE_TYPES: list[str] | None = None
 
 
 def _interface_types() -> list[str]:
+    # Read once per process: it scans every modeling file of transformers.
     global _INTERFACE_TYPES
     if _INTERFACE_TYPES is None:
-        _INTERFACE_TYPES = experts_interface_model_types()
+        from remoe_engine.tiny_models import moe_model_types
+
+        _INTERFACE_TYPES = moe_model_types()
     return _INTERFACE_TYPES
 
 
@@ -313,7 +322,7 @@ def router_call_of(block: nn.Module, config) -> tuple[str | None, tuple[str, ...
         if name != "experts":
             handles.append(child.register_forward_hook(record(name)))
     param = next((p for p in block.parameters() if p.device.type != "meta"), None)
-    text_config = getattr(config, "get_text_config", lambda: config)()
+    text_config = text_config_of(config)
     found: tuple[str | None, tuple[str, ...]] = (None, ())
     try:
         if param is not None:
@@ -367,14 +376,28 @@ def _router_child(block: nn.Module, hidden_size: int) -> str | None:
     return None
 
 
+def unpatched_forward(router: nn.Module, *args, **kwargs):
+    """The router's own forward (its original class's, when patch() swapped the class)."""
+    cls = getattr(type(router), "_remoe_original_class", type(router))
+    return cls.forward(router, *args, **kwargs)
+
+
+def _ids_in(output: Any):
+    """The expert ids a router's output holds: its last integer tensor of rank >= 2."""
+    import torch
+
+    items = list(output) if isinstance(output, (tuple, list)) else [output]
+    return next((t for t in reversed(items) if isinstance(t, torch.Tensor)
+                 and not t.is_floating_point() and t.dim() >= 2), None)
+
+
 def router_outputs(output: Any):
     """(logits [T, E] or None, weights [T, K] or None, ids [T, K] or None) of a router's output:
     the v5 contract is (logits, weights, ids); a few routers return (weights, ids)."""
     import torch
 
     items = list(output) if isinstance(output, (tuple, list)) else [output]
-    ids = next((t for t in reversed(items) if isinstance(t, torch.Tensor)
-                and not t.is_floating_point() and t.dim() >= 2), None)
+    ids = _ids_in(items)
     if ids is None:
         return None, None, None
     floats = [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -407,7 +430,7 @@ def routing_spec(model_or_config) -> RoutingSpec:
             raise NotImplementedError(learned.unsupported)
         return learned.spec
     config = model_or_config
-    text_config = getattr(config, "get_text_config", lambda: config)()
+    text_config = text_config_of(config)
     try:
         return family_of(config).routing(text_config)
     except LookupError:
@@ -465,18 +488,21 @@ def learn_routing(model: nn.Module) -> LearnedRouting:
     import torch
 
     blocks = moe_blocks_or_raise(model)
-    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    config = text_config_of(model.config)
     probes = [_probe(block, seed) for seed, block in enumerate(blocks)]
     top_k = int(probes[0][0][1][2].shape[1])
     table = FAMILIES.get(_model_type(model.config))
     candidates = [(table.routing(config), "table")] if table is not None else []
     candidates += [(c, "learned") for c in _candidate_specs(config, blocks[0], top_k)]
+    # Where the logits come from depends on the router, not on the candidate: found once (in the
+    # table's precision first, where it gives one).
+    prefer_fp32 = bool(candidates) and candidates[0][0].logits_in_fp32
+    logits_source = _logits_source(blocks[0].router, probes[0], prefer_fp32)
     best_reason = None
     with torch.no_grad():
-        for spec, source in candidates:
-            spec = _with_logits_source(spec, blocks[0].router, probes[0])
-            if spec is None:
-                continue
+        # No logits (a router returning only weights and ids): nothing to try, it runs as it is.
+        for spec, source in candidates if logits_source is not None else []:
+            spec = dataclasses.replace(spec, **logits_source)
             reason = next((r for block, probe in zip(blocks, probes, strict=True)
                            if (r := _mismatch(spec, block, probe)) is not None), None)
             if reason is None:
@@ -498,16 +524,12 @@ def _keeps_batch_dims(block: MoEBlock) -> bool:
     import torch
 
     weight = next(p for p in block.router.parameters() if p.dim() == 2)
-    forward = getattr(type(block.router), "_remoe_original_class", type(block.router)).forward
     hidden = torch.zeros(1, 2, weight.shape[-1], dtype=weight.dtype, device=weight.device)
     try:
         with torch.no_grad():
-            out = forward(block.router, hidden, *block.router_extra_args())
+            ids = _ids_in(unpatched_forward(block.router, hidden, *block.router_extra_args()))
     except Exception:  # a router that only takes [T, H] (it never keeps batch dims)  # noqa: BLE001
         return False
-    items = out if isinstance(out, (tuple, list)) else [out]
-    ids = next((t for t in reversed(items) if isinstance(t, torch.Tensor)
-                and not t.is_floating_point()), None)
     return ids is not None and ids.dim() == 3
 
 
@@ -519,15 +541,14 @@ def _probe(block: MoEBlock, seed: int):
     weight = next(p for p in router.parameters() if p.dim() == 2)
     gen = torch.Generator().manual_seed(1234 + seed)
     out = []
-    forward = getattr(type(router), "_remoe_original_class", type(router)).forward
     with torch.no_grad():
         for scale in _PROBE_SCALES:
             hidden = (torch.randn(_PROBE_TOKENS, weight.shape[-1], generator=gen) * scale).to(
                 weight.device, next(iter(router.parameters())).dtype)
             try:
-                routed = forward(router, hidden, *block.router_extra_args())
+                routed = unpatched_forward(router, hidden, *block.router_extra_args())
             except (IndexError, RuntimeError, ValueError):  # wants [B, S, H] (Zaya, AFMoE)
-                routed = forward(router, hidden[None], *block.router_extra_args())
+                routed = unpatched_forward(router, hidden[None], *block.router_extra_args())
             out.append((hidden, router_outputs(routed)))
     return out
 
@@ -545,11 +566,10 @@ def _why_not(router: nn.Module, probe) -> str | None:
     return None
 
 
-def _with_logits_source(spec: RoutingSpec, router: nn.Module, probe) -> RoutingSpec | None:
-    """The spec with where its logits come from: one linear map of the router's own parameters
-    when that reproduces the router's logits (the fast path), else its forward."""
-    import dataclasses
-
+def _logits_source(router: nn.Module, probe, prefer_fp32: bool) -> dict | None:
+    """RoutingSpec fields saying where the logits come from: one linear map of the router's own
+    parameters when that reproduces the router's logits (the fast path), else its forward;
+    None when the router returns no logits."""
     import torch
     import torch.nn.functional as F
 
@@ -564,16 +584,16 @@ def _with_logits_source(spec: RoutingSpec, router: nn.Module, probe) -> RoutingS
                        and n.split(".")[-1] == "bias"]
     for weight_attr in weights:
         for bias_attr in biases:
-            for fp32 in (spec.logits_in_fp32, not spec.logits_in_fp32):
+            for fp32 in (prefer_fp32, not prefer_fp32):
                 w, b = params[weight_attr], None if bias_attr is None else params[bias_attr]
                 x = hidden
                 if fp32:
                     x, w, b = x.float(), w.float(), None if b is None else b.float()
                 mine = F.linear(x, w, b)
                 if mine.dtype == logits.dtype and torch.equal(mine, logits):
-                    return dataclasses.replace(spec, logits_from="linear", weight_attr=weight_attr,
-                                               bias_attr=bias_attr, logits_in_fp32=fp32)
-    return dataclasses.replace(spec, logits_from="forward")
+                    return dict(logits_from="linear", weight_attr=weight_attr,
+                                bias_attr=bias_attr, logits_in_fp32=fp32)
+    return dict(logits_from="forward")
 
 
 def _mismatch(spec: RoutingSpec, block: MoEBlock, probe) -> str | None:
@@ -694,10 +714,7 @@ def disk_layout_of(model_type: str, config: dict | None = None) -> DiskLayout:
             checkpoint conversion remoe-engine cannot express as byte ranges.
     """
     if model_type not in FAMILIES and not _uses_experts_interface(model_type):
-        raise NotImplementedError(
-            f"remoe-engine does not support model type {model_type!r}: its experts do not go "
-            "through transformers' ExpertsInterface (fused experts); "
-            f"{len(_interface_types())} model types of this transformers do")
+        raise _not_experts_interface(repr(model_type))
     if model_type not in _LEARNED_LAYOUTS:
         _LEARNED_LAYOUTS[model_type] = learned_layout(model_type, config)
     return _LEARNED_LAYOUTS[model_type]

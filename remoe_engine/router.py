@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from remoe_engine.families import RoutingSpec, module_attr, router_outputs
+from remoe_engine.families import RoutingSpec, module_attr, router_outputs, unpatched_forward
 from remoe_engine.ops import route_topk, topk_overlap
 
 BIAS_SOURCES = ("resident", "previous")
@@ -66,17 +66,13 @@ def patched_router_class(original: type) -> type:
     return _SUBCLASSES[original]
 
 
-def _original_forward(router: nn.Module, *args, **kwargs):
-    return type(router)._remoe_original_class.forward(router, *args, **kwargs)
-
-
 def _router_logits(router: nn.Module, hidden: torch.Tensor, spec: RoutingSpec,
                    *args, **kwargs) -> torch.Tensor:
     """The family's own logits, bit for bit: one linear map of the router's parameters (in fp32
     for DeepSeek, with the bias for GPT-OSS), or, for routers whose logits are not that, the
     first output of the router's own forward."""
     if spec.logits_from == "forward":
-        return router_outputs(_original_forward(router, hidden, *args, **kwargs))[0]
+        return router_outputs(unpatched_forward(router, hidden, *args, **kwargs))[0]
     weight = module_attr(router, spec.weight_attr)
     bias = None if spec.bias_attr is None else module_attr(router, spec.bias_attr)
     if spec.logits_in_fp32:
@@ -89,7 +85,7 @@ def _patched_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     state: RouterState = self._remoe
     spec = state.spec
     if spec is None:  # route_topk cannot reproduce this router: it runs as it is, unbiased
-        return _original_forward(self, hidden_states, *args, **kwargs)
+        return unpatched_forward(self, hidden_states, *args, **kwargs)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
     logits = _router_logits(self, hidden, spec, *args, **kwargs)  # [T, E]
     op_kwargs = spec.op_kwargs(self, args)
@@ -155,7 +151,7 @@ def unbiased_ids(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     spec, args = state.spec, state.extra_args()
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if spec is None:
-        return router_outputs(_original_forward(router, hidden, *args))[2].long()
+        return router_outputs(unpatched_forward(router, hidden, *args))[2].long()
     logits = _router_logits(router, hidden, spec, *args)
     return route_topk(logits, spec.top_k, **spec.op_kwargs(router, args))[1]
 
