@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from remoe_engine import evaluation, metrics
-from remoe_engine.store import ExpertStore, SlotLayout, measure_read_bandwidth
+from remoe_engine.store import ExpertStore, measure_read_bandwidth
 
 DEFAULT_PROMPT = "def read_config(path):"  # the built-in model card's sample prompt
 COMPUTE_DTYPE = torch.float32  # fast on every CPU; what the slots hold
@@ -77,8 +77,7 @@ class RowResult:
 
 def pool_slot_bytes(store: ExpertStore) -> int:
     """Bytes of one expert slot in the compute dtype (what a budget is divided into)."""
-    return SlotLayout.build(COMPUTE_DTYPE,
-                            [(t.name, t.shape) for t in store.layout.tensors]).slot_bytes
+    return store.layout.in_dtype(COMPUTE_DTYPE).slot_bytes
 
 
 def pool_budget(store: ExpertStore, settings: RunSettings, top_k: int) -> int | None:

@@ -279,11 +279,13 @@ def decode_side_by_side(models: Sequence[nn.Module], wins: torch.Tensor, *,
         with ExitStack() as stack:
             taps = [stack.enter_context(RouterTap(m, probs=r is not None, reference=r))
                     for m, r in zip(models, references, strict=True)]
+            devices = [m.get_input_embeddings().weight.device for m in models]
             for window in wins:
                 outs = [None] * n
                 for t in range(window.shape[0] - 1):
                     for i, model in enumerate(models):
-                        nll_t, steps_t, outs[i] = _decode_step(model, window, t, outs[i])
+                        nll_t, steps_t, outs[i] = _decode_step(model, devices[i], window, t,
+                                                               outs[i])
                         nll[i] += nll_t
                         steps[i].append(steps_t)
                     bar.update(1)
@@ -309,9 +311,9 @@ def decode_side_by_side(models: Sequence[nn.Module], wins: torch.Tensor, *,
     return results
 
 
-def _decode_step(model: nn.Module, window: torch.Tensor, t: int, previous):
+def _decode_step(model: nn.Module, device: torch.device, window: torch.Tensor, t: int,
+                 previous):
     """Feed token t of a window; returns (NLL of token t + 1, wall seconds, the output)."""
-    device = model.get_input_embeddings().weight.device
     kwargs = cache_kwargs(model, previous) if previous is not None else {}
     token = window[None, t : t + 1].to(device)
     start = time.perf_counter()

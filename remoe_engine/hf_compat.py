@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from torch import nn
@@ -19,5 +20,12 @@ def cache_kwargs(model: nn.Module, output) -> dict:
     Returns:
         {"cache": ...} or {"past_key_values": ...}.
     """
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: output.cache if "cache" in output else output.past_key_values}
+    return {_cache_keyword(type(model)): output.cache if "cache" in output
+            else output.past_key_values}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    # Once per class: decode loops call cache_kwargs every step, and signature() is not free.
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"

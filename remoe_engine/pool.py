@@ -164,8 +164,7 @@ class SlotPool:
             raise ValueError(f"SlotPool: the host tier holds {store.layout.dtype} blobs; convert "
                              f"the store (remoe_engine.offload) instead of asking for {dtype}")
         # The slots' layout: the store's, or the same tensors in the compute dtype.
-        self.layout = store.layout if dtype == store.layout.dtype else SlotLayout.build(
-            dtype, [(t.name, t.shape) for t in store.layout.tensors])
+        self.layout = store.layout.in_dtype(dtype)
         num_layers, slot_bytes = len(store.layers), self.layout.slot_bytes
         every_expert = num_layers * store.num_experts
         if slots_per_layer is not None:

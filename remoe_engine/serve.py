@@ -258,19 +258,19 @@ def build_app(engine: Engine):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _body(request)
-        params = _params(body)
-        prompt_ids = engine.encode_prompt(body.get("prompt"))
-        engine.check_length(prompt_ids, params["max_tokens"])
-        return await _respond(engine, body, prompt_ids, params, chat=False)
+        return await _complete(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        return await _complete(request, chat=True)
+
+    async def _complete(request: Request, chat: bool):
         body = await _body(request)
         params = _params(body)
-        prompt_ids = engine.encode_chat(body.get("messages"))
+        prompt_ids = (engine.encode_chat(body.get("messages")) if chat
+                      else engine.encode_prompt(body.get("prompt")))
         engine.check_length(prompt_ids, params["max_tokens"])
-        return await _respond(engine, body, prompt_ids, params, chat=True)
+        return await _respond(engine, body, prompt_ids, params, chat=chat)
 
     async def _respond(engine: Engine, body: dict, prompt_ids, params, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

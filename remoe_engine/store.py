@@ -397,6 +397,12 @@ class SlotLayout:
             offset = _round_up(offset + nbytes, TENSOR_ALIGN)
         return cls(dtype, tuple(tensors), _round_up(max(offset, 1), ALIGN))
 
+    def in_dtype(self, dtype: torch.dtype) -> SlotLayout:
+        """The same tensors in another dtype (this layout itself when the dtype is its own)."""
+        if dtype == self.dtype:
+            return self
+        return SlotLayout.build(dtype, [(t.name, t.shape) for t in self.tensors])
+
     @property
     def payload_bytes(self) -> int:
         """Bytes of real data per expert (the slot minus alignment padding)."""
@@ -970,8 +976,7 @@ class ExpertStore:
         """
         E = self.num_experts
         dtype = dtype or self.layout.dtype
-        layout = self.layout if dtype == self.layout.dtype else SlotLayout.build(
-            dtype, [(t.name, t.shape) for t in self.layout.tensors])
+        layout = self.layout.in_dtype(dtype)
         blobs = torch.zeros(len(self.layers) * E, layout.slot_bytes, dtype=torch.uint8,
                             pin_memory=pin_memory)
         for i, layer in enumerate(self.layers):

@@ -420,8 +420,7 @@ class RouterTap:
         probs = (torch.stack([torch.cat(calls) for calls in self.probs])
                  if self.keep_probs else None)
         meta = _recorded_meta(model, self.blocks, top_k=int(ids.shape[-1]), source=source,
-                              model_name=None, generate_kwargs=None)
-        meta.mode = mode
+                              model_name=None, generate_kwargs=None, mode=mode)
         return RoutingTrace(ids=ids, offsets=offsets, meta=meta, token_ids=token_ids,
                             probs=probs)
 
@@ -557,7 +556,9 @@ def _in_trace_order(calls: list[torch.Tensor], B: int, P: int, mask: torch.Tenso
 
 
 def _recorded_meta(model: nn.Module, blocks: list, *, top_k: int, source: str,
-                   model_name: str | None, generate_kwargs: dict[str, Any] | None) -> TraceMeta:
+                   model_name: str | None, generate_kwargs: dict[str, Any] | None,
+                   mode: str | None = None) -> TraceMeta:
+    """A trace's metadata; `mode` defaults to "forward", or "generate" with generate_kwargs."""
     config = model.config
     experts = blocks[0].experts
     num_experts = int(experts.num_experts)
@@ -574,7 +575,7 @@ def _recorded_meta(model: nn.Module, blocks: list, *, top_k: int, source: str,
         router_hash=router_hash(model),
         expert_bytes=expert_bytes // num_experts if expert_bytes else None,
         source=source,
-        mode="forward" if generate_kwargs is None else "generate",
+        mode=mode or ("forward" if generate_kwargs is None else "generate"),
         extra={} if generate_kwargs is None else {"generate_kwargs": scalars},
     )
 
