@@ -159,16 +159,50 @@ def families_table() -> list[str]:
     lines = [f"**Families** ([`{path}`]({path}), {data['date']}, `{data['command']}`, transformers "
              f"{data['versions']['transformers']}): every model type whose experts go through "
              f"ExpertsInterface, as a tiny random model: patch() at a full cache and at top_k "
-             f"slots per layer, and load() of its saved checkpoint, against transformers (fp32 "
+             f"slots per layer (with the experts kernel patch() chooses, and with the per-expert "
+             f"loop), and load() of its saved checkpoint, against transformers (fp32 "
              f"logits <= 1e-5, same greedy tokens). {exact} of the {built} that build run exactly "
              f"({', '.join(f'{n} {o}' for o, n in counts.items())}). \"exact, no bias\": "
              "route_topk cannot reproduce the router, which then runs as it is (the reuse bias is "
-             "refused).", "",
-             "| model type | outcome | routing | reason |", "|---|---|---|---|"]
+             "refused). Experts: \"fused\" is the one-call C++ op (`ops.moe_experts`); "
+             "\"loop\" the per-expert path, with the reason.", "",
+             "| model type | outcome | routing | experts | reason |", "|---|---|---|---|---|"]
     for r in results:
         reason = r["reason"].replace("|", "/")
+        experts = r.get("experts", "").replace("|", "/")
+        if experts.startswith("per-expert ("):
+            experts = "loop: " + experts[len("per-expert ("):-1]
         lines.append(f"| {r['model_type']} | {r['outcome']} | {r['routing'] or '-'} | "
-                     f"{reason or '-'} |")
+                     f"{experts or '-'} | {reason or '-'} |")
+    return lines
+
+
+def experts_table() -> list[str]:
+    found = _latest("experts-cpu-*.json")
+    if not found:
+        return []
+    path, data = found
+    lines = [f"**The experts' compute at a full cache, CPU** ([`{path}`]({path}), {data['date']}, "
+             f"`{data['command']}`): transformers' own `grouped_mm` experts, remoe's per-expert "
+             "loop and the fused op (`ops.moe_experts`, one call per layer); each decode step runs "
+             "once per provider in turn (each with its own KV cache), over "
+             f"{data['rounds']} rounds; TPOT is the median of "
+             f"{data['new_tokens']} greedy decode steps per round, prefill one "
+             f"{data['prefill_tokens']}-token forward. Ratios below 1 mean the fused op is "
+             "faster. The step breakdown times the fused model's experts, routers and attention "
+             "modules in a separate pass.", "",
+             "| model | dtype | threads | TPOT ms transformers / loop / fused | fused vs "
+             "transformers | fused vs loop | prefill ms transformers / loop / fused | fused vs "
+             "transformers | step ms: experts / routing / attention / rest |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        t, p, b = r["tpot_ms"], r["prefill_ms"], r["fused_step_breakdown_ms"]
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['threads']} | {t['transformers']:.1f} / "
+            f"{t['loop']:.1f} / {t['fused']:.1f} | {r['fused_tpot_vs_transformers']:.2f}x | "
+            f"{r['fused_tpot_vs_loop']:.2f}x | {p['transformers']:.0f} / {p['loop']:.0f} / "
+            f"{p['fused']:.0f} | {r['fused_prefill_vs_transformers']:.2f}x | "
+            f"{b['experts']:.1f} / {b['routing']:.1f} / {b['attention']:.1f} / {b['rest']:.1f} |")
     return lines
 
 
@@ -288,7 +322,8 @@ def scale_table(found: tuple[str, dict] | None = None) -> list[str]:
 
 
 def render() -> str:
-    blocks = [table for table in (run_table(), serve_table(), families_table(), routing_table(),
+    blocks = [table for table in (run_table(), serve_table(), experts_table(), families_table(),
+                                  routing_table(),
                                   pool_table(), e2e_table(), prefetch_table(), scale_table(),
                                   gpu_table())
               if table]

@@ -54,6 +54,22 @@ TORCH_LIBRARY(remoe, m) {
   // Which CRC32C implementation this CPU runs: "sse4.2", "armv8-crc" or "table".
   m.def("crc32c_impl() -> str", [] { return std::string(remoe::crc32c_impl()); });
 
+  // One MoE layer's experts over the pool's slots (csrc/experts): out[t] = sum_k route_weights[t, k]
+  // * FFN_{slots[t, k]}(hidden[t]), returned fp32 [T, H] whatever the weights' dtype (the caller
+  // rounds once). hidden [T, H]; slots int64 [T, K], -1 = no expert (a pair another wave or
+  // another rank computes); up [S, N, H] and down [S, H, I] ([S, H, N] and [S, I, H] when
+  // transposed), each slot a dense matrix in hidden's dtype, any slot stride (the pool buffer's
+  // views); biases [S, N] and [S, H]. FFN(x) = down(gate(up(x) + up_bias)) + down_bias, where
+  // gate maps the N up outputs to I: "none" act(u) (N = I), "chunk" (gate rows [0, I), up rows
+  // [I, 2I)) or "interleave" (even rows gate, odd rows up) act(g) * (u + up_offset), with
+  // activation silu | gelu | gelu_tanh | relu | relu2 | swish_alpha (x * sigmoid(alpha x)), and
+  // clamp "input" (g = min(g, limit) before act) or "output" (min(act(g), limit) after it), both
+  // also clamping u to [-limit, limit]. Accumulation is fp32; pairs sum in a fixed order.
+  m.def(
+      "moe_experts(Tensor hidden, Tensor slots, Tensor route_weights, Tensor up, Tensor? up_bias, "
+      "Tensor down, Tensor? down_bias, str gate, str activation, str clamp, float limit, "
+      "float alpha, float up_offset, bool transposed) -> Tensor");
+
   // torch.classes.remoe.SlotPool: the expert slot pool (csrc/pool/slot_pool.h; facade and policy
   // specification in remoe_engine/pool.py).
   remoe::register_slot_pool(m);

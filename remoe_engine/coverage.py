@@ -4,7 +4,8 @@ Every model type whose experts go through transformers' ExpertsInterface is trie
 a tiny random model is built from its config (`tiny_models.build_tiny`), then
 
 - `patch()` at a full cache and at `slots_per_layer = top_k` must give the same fp32 logits
-  (<= 1e-5) and the same greedy tokens as the unpatched model;
+  (<= 1e-5) and the same greedy tokens as the unpatched model, with the experts kernel `patch`
+  chooses (the fused op wherever it reproduces the family's gate) and with the per-expert loop;
 - `load()` of the saved checkpoint at `slots_per_layer = top_k` must give them too.
 
 Outcomes: "exact" (route_topk reproduces the router: the reuse bias is available), "exact, no
@@ -32,6 +33,7 @@ class Coverage:
     reason: str = ""
     routing: str = ""  # "table" or "learned" (route_topk), "own router" (no bias)
     max_abs_diff: float | None = None  # largest logit difference over every check
+    experts: str = ""  # the experts kernel patch() chose: "fused" or "per-expert (why)"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,13 +70,16 @@ def _check(model_type: str, model) -> Coverage:
     learned = learn_routing(model)
     top_k = learned.top_k
     worst = 0.0
-    for slots in (None, top_k):
-        handle = remoe_engine.patch(model, slots_per_layer=slots)
+    for slots, kernel in ((None, "auto"), (top_k, "auto"), (top_k, "loop")):
+        handle = remoe_engine.patch(model, slots_per_layer=slots, experts_kernel=kernel)
         try:
-            diff = _compare(model, ids, want_logits, want_tokens, f"patch(slots={slots})")
+            diff = _compare(model, ids, want_logits, want_tokens,
+                            f"patch(slots={slots}, {handle.experts_kernel})")
         finally:
             handle.unpatch()
         worst = max(worst, diff)
+        if kernel == "auto":
+            experts = handle.experts_kernel
     with tempfile.TemporaryDirectory(prefix="remoe-families-") as tmp:
         model.save_pretrained(tmp)
         loaded = remoe_engine.load(tmp, slots_per_layer=top_k, dtype=torch.float32,
@@ -82,8 +87,9 @@ def _check(model_type: str, model) -> Coverage:
         worst = max(worst, _compare(loaded, ids, want_logits, want_tokens, "load"))
     if learned.spec is None:
         return Coverage(model_type, "exact, no bias", learned.unsupported or "",
-                        routing="own router", max_abs_diff=worst)
-    return Coverage(model_type, "exact", routing=learned.source, max_abs_diff=worst)
+                        routing="own router", max_abs_diff=worst, experts=experts)
+    return Coverage(model_type, "exact", routing=learned.source, max_abs_diff=worst,
+                    experts=experts)
 
 
 class _Mismatch(AssertionError):
@@ -135,9 +141,12 @@ def check_all(model_types: list[str] | None = None, progress: bool = True) -> li
 
 def format_table(results: list[Coverage]) -> str:
     """A plain-text table: one line per model type, then the count of each outcome."""
-    lines = [f"{'model type':<26}{'outcome':<16}{'routing':<12}reason", "-" * 100]
+    lines = [f"{'model type':<26}{'outcome':<16}{'routing':<12}{'experts':<12}reason",
+             "-" * 100]
     for r in results:
-        lines.append(f"{r.model_type:<26}{r.outcome:<16}{r.routing:<12}{r.reason}")
+        # The per-expert loop's reason can be long: the table says "loop", the JSON says why.
+        experts = "fused" if r.experts == "fused" else ("loop" if r.experts else "")
+        lines.append(f"{r.model_type:<26}{r.outcome:<16}{r.routing:<12}{experts:<12}{r.reason}")
     counts = {o: sum(r.outcome == o for r in results) for o in OUTCOMES}
     lines += ["", ", ".join(f"{n} {o}" for o, n in counts.items() if n)]
     return "\n".join(lines)

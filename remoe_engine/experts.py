@@ -2,8 +2,21 @@
 
 `remoe_experts_forward(self, hidden [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]`
 is registered as the experts implementation "remoe". `self` is the family's own experts module
-(stripped of its weights), so the family's `_apply_gate` (GPT-OSS's clamped, interleaved gate),
-`act_fn`, bias and transposition flags apply unchanged; the weights come from the pool's slots.
+(stripped of its weights); the weights come from the pool's slots. Two kernels compute them:
+
+- fused (`ops.moe_experts`): one C++ call per MoE layer over every routed (token, expert) pair,
+  reading each expert's rows once and keeping the gate in registers. It runs the family's gate
+  as an `ops.ExpertsGate`, which `learn_gate` finds by probing the module's own `_apply_gate`
+  (or `act_fn`) against every form the op computes; the form is used only where it reproduces
+  the family's on every probe.
+- per-expert ("loop"): the family's own `_apply_gate`, `act_fn`, biases, transposition and
+  post-expert norm, one expert at a time in Python. It runs what the fused op cannot express
+  (a gate of another form, a norm after each expert), and is the reference the fused op is
+  tested against.
+
+`patch()`/`load()` choose with `experts_kernel`: "auto" (fused on CPU wherever `learn_gate`
+finds the gate; per-expert on CUDA until the CUDA kernel has been validated on a GPU), "fused"
+(an error where it cannot run) or "loop".
 
 Waves: when a layer needs more distinct experts than the pool can pin at once (a long prefill
 under a small budget), it runs them in waves of at most `max_pinnable` experts. Wave order is the
@@ -26,6 +39,7 @@ reuse bias prefers the resident experts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from remoe_engine import ops, reference
 from remoe_engine.router import unbiased_ids
 
 EXPERTS_IMPLEMENTATION = "remoe"
+EXPERTS_KERNELS = ("auto", "fused", "loop")
+# The activations the fused op computes, simplest first (the first form that matches wins).
+_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 
 
 @dataclass
@@ -47,6 +65,8 @@ class ExpertsState:
     waves: int = 0  # waves run: more than one per forward means the budget forced waves
     # Prefetch: (transformers layer index, router module) of the next MoE layer, or None.
     next_layer: tuple[int, nn.Module] | None = None
+    # The fused kernel's gate, or None: this layer runs the per-expert loop.
+    gate: ops.ExpertsGate | None = None
     _slot_views: list | None = None  # per slot: name -> tensor views of the slot buffer
 
     def slot_views(self, slot: int) -> dict[str, torch.Tensor]:
@@ -54,6 +74,92 @@ class ExpertsState:
         if self._slot_views is None:
             self._slot_views = [self.pool.slot_tensors(s) for s in range(self.pool.num_slots)]
         return self._slot_views[slot]
+
+    def fused(self, experts: nn.Module, hidden: torch.Tensor, pair_slots: torch.Tensor,
+              top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The fused op on every pair of `pair_slots` (int64 [T, K] on the host, -1 = none):
+        fp32 [T, H]."""
+        weights = self.pool.weights  # name -> [num_slots, *shape] views of the slot buffer
+        up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+        return ops.moe_experts(
+            hidden, pair_slots.to(hidden.device, non_blocking=True), top_k_weights,
+            weights[up_name], weights["down_proj"], gate=self.gate,
+            up_bias=weights.get(f"{up_name}_bias"), down_bias=weights.get("down_proj_bias"),
+            transposed=bool(experts.is_transposed))
+
+
+def learn_gate(experts: nn.Module) -> tuple[ops.ExpertsGate | None, str]:
+    """The fused op's form of this experts module's gate, found by probing it.
+
+    Candidates: every `ops.ExpertsGate` over the op's layouts and activations, with the clamp
+    limits and sigmoid scales the module holds as attributes (names containing "limit" or
+    "alpha"). The module's own `_apply_gate` (or `act_fn`, without a gate) runs on random
+    up-projection outputs at three scales (the largest saturates any clamp); the first candidate
+    equal to it on all of them, to fp32 rounding, is the gate. The patched model is then checked
+    against transformers for every family (`remoe families`).
+
+    Returns:
+        (gate, "") or (None, why the fused op cannot run this module).
+    """
+    if getattr(experts, "has_post_expert_norm", False):
+        return None, "a norm after each expert"
+    numbers = {name.lower(): float(value) for name, value in vars(experts).items()
+               if isinstance(value, int | float) and not isinstance(value, bool)
+               and math.isfinite(value)}
+    limits = sorted({v for name, v in numbers.items() if "limit" in name and v > 0})
+    alphas = sorted({v for name, v in numbers.items() if "alpha" in name})
+    generator = torch.Generator().manual_seed(0)
+    probes = [torch.randn(8, 64, generator=generator) * scale for scale in (0.5, 4.0, 40.0)]
+    if experts.has_gate:
+        target = experts._apply_gate
+        candidates = [
+            ops.ExpertsGate(layout, activation, clamp, limit, alpha, up_offset)
+            for clamp, limit in [("none", 0.0)] + [(c, v) for c in ("input", "output")
+                                                   for v in limits]
+            for up_offset in (0.0, 1.0)
+            for layout in ("chunk", "interleave")
+            for activation, alpha in [(a, 1.0) for a in _ACTIVATIONS]
+            + [("swish_alpha", a) for a in alphas]]
+    else:
+        target = experts.act_fn
+        candidates = [ops.ExpertsGate("none", activation) for activation in _ACTIVATIONS]
+    try:
+        with torch.no_grad():
+            wants = [target(h) for h in probes]
+    except Exception as error:  # e.g. an activation taking (gate, up): not a form we know
+        return None, f"its gate cannot be probed ({type(error).__name__}: {error})"
+    def equal(got: torch.Tensor, want: torch.Tensor) -> bool:
+        # Relative to the probe's largest output: in the saturated tails (gelu of a large
+        # negative input) two correct formulas differ by cancellation, not by form.
+        return got.shape == want.shape and torch.allclose(
+            got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+    for candidate in candidates:
+        if all(equal(reference.expert_gate(h, candidate), want)
+               for h, want in zip(probes, wants, strict=True)):
+            return candidate, ""
+    return None, f"{type(experts).__name__}'s gate is none of the fused op's forms"
+
+
+def choose_kernel(experts: nn.Module, device: torch.device, experts_kernel: str
+                  ) -> tuple[ops.ExpertsGate | None, str]:
+    """(gate for the fused op or None, what runs and why) for `patch(experts_kernel=...)`.
+
+    Raises:
+        NotImplementedError: experts_kernel="fused" where the fused op cannot run.
+    """
+    if experts_kernel == "loop":
+        return None, "per-expert (asked for)"
+    gate, why_not = learn_gate(experts)
+    if gate is None and experts_kernel == "fused":
+        raise NotImplementedError(f"experts_kernel='fused': {why_not}")
+    if gate is None:
+        return None, f"per-expert ({why_not})"
+    if device.type != "cpu" and experts_kernel == "auto":
+        # The CUDA kernel compiles in CI but has not run on a GPU yet: bench/gpu_check.sh checks
+        # it against the per-expert path; until then "fused" must be asked for.
+        return None, "per-expert (the CUDA fused kernel is opt-in: experts_kernel='fused')"
+    return gate, "fused"
 
 
 def expert_ffn(experts: nn.Module, x: torch.Tensor, weights: dict[str, torch.Tensor]):
@@ -131,60 +237,85 @@ def remoe_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     ids_cpu = top_k_index.detach().to("cpu")  # [T, K]
     if T == 1 and K <= pool.max_pinnable(state.layer):
         return _decode_one_token(self, state, hidden_states, ids_cpu[0], top_k_weights, out)
-    # Group the T*K (token, k) pairs by expert with one sort: positions [T*K], per-expert runs.
-    flat = ids_cpu.reshape(-1)
-    positions = torch.argsort(flat, stable=True)
-    experts, counts = torch.unique_consecutive(flat[positions], return_counts=True)
-    keep = experts < self.num_experts  # expert-parallel sentinels carry no work
-    starts = (torch.cumsum(counts, 0) - counts)[keep].tolist()
-    counts = counts[keep].tolist()
-    experts = experts[keep].tolist()
-    run = {e: (start, n) for e, start, n in zip(experts, starts, counts, strict=True)}
-    positions = positions.to(hidden_states.device, non_blocking=True)
-    tokens, ks = positions // K, positions % K  # [T*K] each, grouped by expert
-
-    if len(experts) <= pool.max_pinnable(state.layer):
-        order = experts  # one wave: everything fits
+    valid = ids_cpu < self.num_experts  # expert-parallel sentinels carry no work
+    experts = torch.unique(ids_cpu[valid])  # sorted
+    if experts.numel() <= pool.max_pinnable(state.layer):
+        order = experts.tolist()  # one wave: everything fits
     else:
         order = wave_order(ids_cpu, self.num_experts, pool.resident(state.layer))
+    # slot_of[e]: expert e's slot in the current wave, -1 otherwise (and for the sentinels,
+    # which all map to the extra last entry).
+    slot_of = torch.full((self.num_experts + 1,), -1, dtype=torch.int64)
+    pair_experts = ids_cpu.clamp(max=self.num_experts)
     for wave, slots in pool.waves(state.layer, order):
         state.waves += 1
-        for expert, slot in zip(wave.tolist(), slots.tolist(), strict=True):
-            start, n = run[expert]
-            token, k = tokens[start : start + n], ks[start : start + n]
-            y = expert_ffn(self, hidden_states[token], state.slot_views(slot))
-            y = y * top_k_weights[token, k, None]
-            # index_put_ rather than index_add_: on CPU, index_add_ goes through an OpenMP
-            # parallel region even for one row, which costs milliseconds per call on a busy
-            # machine; a token uses an expert once, so the rows are unique either way.
-            out.index_put_((token,), y.to(torch.float32), accumulate=True)
+        slot_of[wave] = slots
+        _compute(self, state, hidden_states, slot_of[pair_experts], top_k_weights, out)
+        slot_of[wave] = -1
     return out.to(hidden_states.dtype)
+
+
+def _compute(experts: nn.Module, state: ExpertsState, hidden_states: torch.Tensor,
+             pair_slots: torch.Tensor, top_k_weights: torch.Tensor, out: torch.Tensor) -> None:
+    """out += every routed pair's weighted expert output, the pairs' experts pinned in their slots.
+
+    Args:
+        pair_slots: int64 [T, K] on the host: the slot of each (token, k) pair, -1 for a pair
+            computed elsewhere (another wave, an expert-parallel sentinel).
+        out: fp32 [T, H].
+    """
+    if state.gate is not None:
+        out += state.fused(experts, hidden_states, pair_slots, top_k_weights)
+        return
+    K = pair_slots.shape[1]
+    # Group the (token, k) pairs by slot with one sort: positions [T*K], per-slot runs.
+    flat = pair_slots.reshape(-1)
+    positions = torch.argsort(flat, stable=True)
+    slots, counts = torch.unique_consecutive(flat[positions], return_counts=True)
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    positions = positions.to(hidden_states.device, non_blocking=True)
+    tokens, ks = positions // K, positions % K  # [T*K] each, grouped by slot
+    for slot, start, n in zip(slots.tolist(), starts, counts.tolist(), strict=True):
+        if slot < 0:
+            continue
+        token, k = tokens[start : start + n], ks[start : start + n]
+        y = expert_ffn(experts, hidden_states[token], state.slot_views(slot))
+        y = y * top_k_weights[token, k, None]
+        # index_put_ rather than index_add_: on CPU, index_add_ goes through an OpenMP
+        # parallel region even for one row, which costs milliseconds per call on a busy
+        # machine; a token uses an expert once, so the rows are unique either way.
+        out.index_put_((token,), y.to(torch.float32), accumulate=True)
 
 
 def _decode_one_token(experts: nn.Module, state: ExpertsState, hidden_states: torch.Tensor,
                       ids: torch.Tensor, top_k_weights: torch.Tensor,
                       out: torch.Tensor) -> torch.Tensor:
-    """Decode (T = 1): the K experts are distinct, one acquire, no grouping.
+    """Decode (T = 1): the K experts are distinct, one acquire, no waves.
 
     Args:
         hidden_states: [1, H]; ids: [K] int64 on the host; top_k_weights: [1, K]; out: [1, H] fp32.
     """
     keep = ids < experts.num_experts  # expert-parallel sentinels carry no work
-    ids = ids[keep] if not bool(keep.all()) else ids
-    columns = keep.nonzero().flatten().tolist()
+    kept = ids[keep] if not bool(keep.all()) else ids
     state.waves += 1
-    slots = state.pool.acquire(state.layer, ids, wait=state.next_layer is None)
+    slots = state.pool.acquire(state.layer, kept, wait=state.next_layer is None)
     if state.next_layer is not None:
         # This layer's own loads were enqueued first; the guesses queue behind them and finish
         # while this layer computes. A failed wait drops this call's pins itself.
         prefetch_next_layer(state, hidden_states)
-        state.pool.wait(state.layer, ids)
+        state.pool.wait(state.layer, kept)
     try:
-        for column, slot in zip(columns, slots.tolist(), strict=True):
-            y = expert_ffn(experts, hidden_states, state.slot_views(slot))
-            out += (y * top_k_weights[:, column : column + 1]).to(torch.float32)
+        pair_slots = torch.full((1, ids.shape[0]), -1, dtype=torch.int64)
+        pair_slots[0, keep] = slots
+        if state.gate is not None:
+            out += state.fused(experts, hidden_states, pair_slots, top_k_weights)
+        else:
+            for column, slot in enumerate(pair_slots[0].tolist()):
+                if slot >= 0:
+                    y = expert_ffn(experts, hidden_states, state.slot_views(slot))
+                    out += (y * top_k_weights[:, column : column + 1]).to(torch.float32)
     finally:
-        state.pool.release(state.layer, ids)
+        state.pool.release(state.layer, kept)
     return out.to(hidden_states.dtype)
 
 

@@ -56,6 +56,8 @@ class Handle:
     _patched: bool = True
     _loaded: bool = False  # from load(): the experts were never in memory, nothing to restore
     prefetch: bool = False  # decode steps prefetch the next MoE layer's guessed experts
+    # What computes the experts: "fused", or "per-expert (why)" (experts.choose_kernel).
+    experts_kernel: str = ""
 
     def stats(self) -> dict:
         """Pool counters (hits, misses, evictions, bytes read/copied, stall seconds), per layer and
@@ -68,7 +70,17 @@ class Handle:
         stats["bias_source"] = self.bias_source
         stats["prefetch"] = self.prefetch
         stats["waves"] = sum(state.waves for state in self._experts_states)
+        stats["experts_kernel"] = self.experts_kernel
         return stats
+
+    def set_experts_kernel(self, experts_kernel: str) -> None:
+        """Switch what computes the experts ("auto", "fused" or "loop", as for `patch`) without
+        patching again, e.g. to compare the two on one model. Outputs agree to rounding."""
+        _check_experts_kernel(experts_kernel)
+        gates, self.experts_kernel = _choose_kernels(self.blocks, self.pool.device,
+                                                     experts_kernel)
+        for state, gate in zip(self._experts_states, gates, strict=True):
+            state.gate = gate
 
     def reset_stats(self) -> None:
         self.pool.reset_stats()
@@ -93,7 +105,7 @@ class Handle:
 
 
 def _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bias_source,
-                  prefetch=False) -> tuple[int | None, int | None]:
+                  prefetch=False, experts_kernel="auto") -> tuple[int | None, int | None]:
     """Every argument of patch()/load() that is not about files, checked before the model is
     touched (the pool's size through the pool's own check). Returns (slots_per_layer, budget
     in bytes)."""
@@ -101,12 +113,19 @@ def _check_kwargs(slots_per_layer, memory_budget, policy, store, reuse_bias, bia
         raise ValueError(f"prefetch must be True or False, got {prefetch!r}")
     if store not in STORES:
         raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    _check_experts_kernel(experts_kernel)
     if bias_source not in router_impl.BIAS_SOURCES:
         raise ValueError(
             f"bias_source must be one of {router_impl.BIAS_SOURCES}, got {bias_source!r}")
     if not (reuse_bias >= 0.0 and reuse_bias < float("inf")):
         raise ValueError(f"reuse_bias must be a finite number >= 0, got {reuse_bias!r}")
     return check_pool_size(slots_per_layer, memory_budget, policy)
+
+
+def _check_experts_kernel(experts_kernel) -> None:
+    if experts_kernel not in experts_impl.EXPERTS_KERNELS:
+        raise ValueError(f"experts_kernel must be one of {experts_impl.EXPERTS_KERNELS}, got "
+                         f"{experts_kernel!r}")
 
 
 def _make_pool(store, device, slots_per_layer, memory_budget, policy, **pool_kwargs):
@@ -128,9 +147,12 @@ def _restore_experts(blocks: list[MoEBlock], store, devices: list[torch.device],
 
 
 def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device, *,
-            reuse_bias: float, bias_source: str, handle: Handle, prefetch: bool = False) -> None:
+            reuse_bias: float, bias_source: str, handle: Handle, prefetch: bool = False,
+            experts_kernel: str = "auto") -> None:
     """Swap routers, install the experts implementation and the sequence hook."""
     spec = learn_routing(model).spec  # checked against the bias by _blocks_or_raise
+    # Before anything is installed: experts_kernel="fused" may refuse.
+    gates, handle.experts_kernel = _choose_kernels(blocks, device, experts_kernel)
     for i, block in enumerate(blocks):
         state = router_impl.RouterState(spec=spec, reuse_bias=reuse_bias, bias_source=bias_source)
         state.resident = _resident_fn(pool, block.layer_idx, device)
@@ -140,7 +162,7 @@ def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device
         handle._restore.append(lambda r=block.router: router_impl.uninstall(r))
         following = blocks[i + 1] if prefetch and i + 1 < len(blocks) else None
         block.experts._remoe = experts_impl.ExpertsState(
-            layer=block.layer_idx, pool=pool,
+            layer=block.layer_idx, pool=pool, gate=gates[i],
             next_layer=None if following is None else (following.layer_idx, following.router))
         handle._experts_states.append(block.experts._remoe)
         handle._restore.append(lambda e=block.experts: e.__dict__.pop("_remoe", None))
@@ -164,6 +186,18 @@ def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device
     model.generation_config.disable_compile = True
     handle._restore.append(
         lambda: setattr(model.generation_config, "disable_compile", previous_disable))
+
+
+def _choose_kernels(blocks: list[MoEBlock], device: torch.device, experts_kernel: str
+                    ) -> tuple[list, str]:
+    """Each block's fused-op gate (None: the per-expert loop), and what runs, in words."""
+    chosen = {}  # experts class -> (gate, what runs): one probe per class
+    for block in blocks:
+        if type(block.experts) not in chosen:
+            chosen[type(block.experts)] = experts_impl.choose_kernel(block.experts, device,
+                                                                     experts_kernel)
+    gates = [chosen[type(block.experts)][0] for block in blocks]
+    return gates, "; ".join(sorted({what for _, what in chosen.values()}))
 
 
 def _resident_fn(pool, layer: int, device: torch.device):
@@ -255,7 +289,8 @@ def _blocks_or_raise(model: nn.Module, reuse_bias: float) -> list[MoEBlock]:
 
 def patch(model: nn.Module, *, slots_per_layer: int | None = None,
           memory_budget: int | str | None = None, policy: str = "lru", store: str = "host",
-          reuse_bias: float = 0.0, bias_source: str = "resident", prefetch: bool = False) -> Handle:
+          reuse_bias: float = 0.0, bias_source: str = "resident", prefetch: bool = False,
+          experts_kernel: str = "auto") -> Handle:
     """Serve the experts of an in-memory transformers MoE model from the slot pool.
 
     Args:
@@ -271,13 +306,17 @@ def patch(model: nn.Module, *, slots_per_layer: int | None = None,
             `remoe_engine.experts` and `bench/bench_prefetch.py`). It changes only what is
             resident, so outputs are unchanged, except with a reuse bias toward the "resident"
             experts, which then sees a different pool.
+        experts_kernel: "auto" (the fused C++ op on CPU wherever it reproduces the family's
+            gate, else the per-expert loop), "fused" (NotImplementedError where it cannot run)
+            or "loop" (the per-expert path). `Handle.experts_kernel` says what runs.
     Returns:
         a Handle with stats() and unpatch().
     """
     from remoe_engine.store import ExpertStore
 
     slots_per_layer, memory_budget = _check_kwargs(slots_per_layer, memory_budget, policy, store,
-                                                   reuse_bias, bias_source, prefetch)
+                                                   reuse_bias, bias_source, prefetch,
+                                                   experts_kernel)
     if store != "host":
         raise ValueError("patch() takes a model in memory: store must be 'host' "
                          "(use remoe_engine.load(path, store='disk') to stream from files)")
@@ -310,8 +349,13 @@ def patch(model: nn.Module, *, slots_per_layer: int | None = None,
     except Exception:
         handle.unpatch()  # a bad budget must not leave the model without its experts
         raise
-    _attach(model, blocks, handle.pool, device, reuse_bias=reuse_bias, bias_source=bias_source,
-            handle=handle, prefetch=prefetch)
+    try:
+        _attach(model, blocks, handle.pool, device, reuse_bias=reuse_bias,
+                bias_source=bias_source, handle=handle, prefetch=prefetch,
+                experts_kernel=experts_kernel)
+    except Exception:
+        handle.unpatch()  # e.g. experts_kernel="fused" refused: the model gets its experts back
+        raise
     model._remoe_patched = True
     handle._restore.append(lambda: model.__dict__.pop("_remoe_patched", None))
     return handle
@@ -507,7 +551,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
          dtype: torch.dtype | None = None, store: str = "disk", policy: str = "lru",
          reuse_bias: float = 0.0, bias_source: str = "resident", packed: str | None = None,
          num_threads: int = 4, o_direct: bool | str = "auto", prefetch: bool = False,
-         **from_pretrained_kwargs) -> nn.Module:
+         experts_kernel: str = "auto", **from_pretrained_kwargs) -> nn.Module:
     """Load a transformers MoE checkpoint without ever materializing its experts.
 
     Args:
@@ -520,7 +564,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
             without fast bf16, where it is several times faster than bf16).
         store: "disk" (read experts from the files on each miss) or "host" (read them all into
             host memory once; pinned when the device is a GPU).
-        policy, reuse_bias, bias_source, prefetch: as for `patch`.
+        policy, reuse_bias, bias_source, prefetch, experts_kernel: as for `patch`.
         packed: a file written by `remoe pack` to read experts from instead of the checkpoint.
         num_threads: reader threads of the pool (concurrent storage reads).
         o_direct: read expert files with O_DIRECT, bypassing the page cache: "auto" (default:
@@ -537,7 +581,8 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
     from remoe_engine.store import ExpertStore
 
     slots_per_layer, memory_budget = _check_kwargs(slots_per_layer, memory_budget, policy, store,
-                                                   reuse_bias, bias_source, prefetch)
+                                                   reuse_bias, bias_source, prefetch,
+                                                   experts_kernel)
     if dtype is not None and dtype not in _SLOT_DTYPES:
         raise ValueError(f"dtype must be one of {_SLOT_DTYPES} or None, got {dtype!r}")
     if o_direct not in (True, False, "auto"):
@@ -574,6 +619,6 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
     handle = Handle(model, blocks, pool, expert_store, reuse_bias, bias_source, _loaded=True,
                     prefetch=prefetch)
     _attach(model, blocks, pool, device, reuse_bias=reuse_bias, bias_source=bias_source,
-            handle=handle, prefetch=prefetch)
+            handle=handle, prefetch=prefetch, experts_kernel=experts_kernel)
     model.remoe = handle
     return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.machinery
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -50,7 +51,8 @@ try:
 except ImportError as _error:
     raise _extension_import_error(_error) from _error
 
-__all__ = ["crc32c", "crc32c_impl", "cuda_kernels_built", "route_topk", "topk_overlap"]
+__all__ = ["ExpertsGate", "crc32c", "crc32c_impl", "cuda_kernels_built", "moe_experts",
+           "route_topk", "topk_overlap"]
 
 _route_topk = torch.ops.remoe.route_topk.default
 
@@ -109,6 +111,62 @@ def route_topk(
         logits, top_k, scoring, renormalize, prefer, float(reuse_bias), correction_bias,
         n_group, topk_group, group_score, float(routed_scaling),
     )
+
+
+@dataclass(frozen=True)
+class ExpertsGate:
+    """How an expert's up-projection outputs become its down projection's inputs.
+
+    gate(g, u) = act(g') * (u' + up_offset), where g' = min(g, limit) when clamp == "input",
+    act's output is capped at limit when clamp == "output", and u' = clamp(u, -limit, limit)
+    whenever clamp != "none". Without a gate ("none") it is act(u).
+
+    Attributes:
+        layout: "none" (N = I up rows), "chunk" (gate rows [0, I), up rows [I, 2I)) or
+            "interleave" (even rows gate, odd rows up).
+        activation: "silu", "gelu" (erf), "gelu_tanh", "relu", "relu2" or "swish_alpha"
+            (x * sigmoid(alpha * x)).
+        clamp: "none", "input" or "output".
+        limit, alpha, up_offset: as above (limit only matters with a clamp).
+    """
+
+    layout: str = "chunk"
+    activation: str = "silu"
+    clamp: str = "none"
+    limit: float = 0.0
+    alpha: float = 1.0
+    up_offset: float = 0.0
+
+
+_moe_experts = torch.ops.remoe.moe_experts.default
+
+
+def moe_experts(hidden: torch.Tensor, slots: torch.Tensor, route_weights: torch.Tensor,
+                up: torch.Tensor, down: torch.Tensor, *, gate: ExpertsGate = ExpertsGate(),
+                up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                transposed: bool = False) -> torch.Tensor:
+    """One MoE layer's routed experts over the pool's slots, in one call.
+
+    out[t] = sum_k route_weights[t, k] * down(gate(up(hidden[t]) + up_bias) + down_bias), each
+    expert's weights read from slot slots[t, k] of the up/down views.
+
+    Args:
+        hidden: [T, H] float32 / bfloat16 / float16.
+        slots: int64 [T, K]: the slot holding each routed expert, -1 for none (its weight is
+            then ignored: a pair another wave computes, or an expert-parallel sentinel).
+        route_weights: [T, K] floating.
+        up: [S, N, H] ([S, H, N] if transposed), the pool's view of every slot, hidden's dtype.
+        down: [S, H, I] ([S, I, H] if transposed).
+        gate: the family's gate (`ExpertsGate`).
+        up_bias, down_bias: [S, N] and [S, H], or None.
+        transposed: the experts store x @ W rather than x @ W.T.
+
+    Returns:
+        float32 [T, H] (accumulated in fp32; the caller rounds once to its dtype).
+    """
+    return _moe_experts(hidden, slots, route_weights, up, up_bias, down, down_bias, gate.layout,
+                        gate.activation, gate.clamp, float(gate.limit), float(gate.alpha),
+                        float(gate.up_offset), transposed)
 
 
 def topk_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -179,6 +237,13 @@ def _route_topk_fake(logits, top_k, scoring, renormalize, prefer, reuse_bias, co
     weights = logits.new_empty((T, top_k), dtype=torch.float32)
     ids = logits.new_empty((T, top_k), dtype=torch.int64)
     return weights, ids
+
+
+@torch.library.register_fake("remoe::moe_experts")
+def _moe_experts_fake(hidden, slots, route_weights, up, up_bias, down, down_bias, gate,
+                      activation, clamp, limit, alpha, up_offset, transposed):
+    torch._check(hidden.dim() == 2, lambda: "moe_experts: hidden must be 2-D")
+    return hidden.new_empty(hidden.shape, dtype=torch.float32)
 
 
 # Autograd is registered in C++ (csrc/routing/route_topk_autograd.cpp): a Python autograd kernel

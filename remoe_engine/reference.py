@@ -94,3 +94,61 @@ def route_topk(
             weights = weights / weights.sum(dim=-1, keepdim=True)
     weights = weights * routed_scaling
     return weights.float(), ids.long()
+
+
+def _activation(x: torch.Tensor, name: str, alpha: float) -> torch.Tensor:
+    if name == "silu":
+        return x * torch.sigmoid(x)
+    if name == "gelu":
+        return 0.5 * x * (1 + torch.erf(x / 2**0.5))
+    if name == "gelu_tanh":
+        return 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)))
+    if name == "relu":
+        return x.clamp(min=0)
+    if name == "relu2":
+        return x.clamp(min=0) ** 2
+    if name == "swish_alpha":
+        return x * torch.sigmoid(alpha * x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def expert_gate(h: torch.Tensor, gate) -> torch.Tensor:
+    """The gate of `ops.ExpertsGate` on up-projection outputs h [n, N] -> [n, I]."""
+    if gate.layout == "none":
+        return _activation(h, gate.activation, gate.alpha)
+    if gate.layout == "chunk":
+        g, u = h.chunk(2, dim=-1)
+    else:
+        g, u = h[..., ::2], h[..., 1::2]
+    if gate.clamp == "input":
+        g = g.clamp(max=gate.limit)
+    a = _activation(g, gate.activation, gate.alpha)
+    if gate.clamp == "output":
+        a = a.clamp(max=gate.limit)
+    if gate.clamp != "none":
+        u = u.clamp(-gate.limit, gate.limit)
+    return a * (u + gate.up_offset)
+
+
+def moe_experts(hidden: torch.Tensor, slots: torch.Tensor, route_weights: torch.Tensor,
+                up: torch.Tensor, down: torch.Tensor, *, gate, up_bias: torch.Tensor | None = None,
+                down_bias: torch.Tensor | None = None, transposed: bool = False) -> torch.Tensor:
+    """`ops.moe_experts`, one (token, k) pair at a time, in float64. Returns float32 [T, H]."""
+    T, K = slots.shape
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    for t in range(T):
+        x = hidden[t].double()
+        for k in range(K):
+            s = int(slots[t, k])
+            if s < 0:
+                continue
+            w_up, w_down = up[s].double(), down[s].double()
+            h = x @ w_up if transposed else w_up @ x
+            if up_bias is not None:
+                h = h + up_bias[s].double()
+            a = expert_gate(h[None], gate)[0]
+            y = a @ w_down if transposed else w_down @ a
+            if down_bias is not None:
+                y = y + down_bias[s].double()
+            out[t] += float(route_weights[t, k]) * y
+    return out.float()
