@@ -167,8 +167,15 @@ def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device
 
 
 def _resident_fn(pool, layer: int, device: torch.device):
+    if device.type != "cuda":
+        return lambda: pool.resident_mask(layer)  # [E] bool, already on the host
+
     def resident() -> torch.Tensor:
-        return pool.resident_mask(layer).to(device, non_blocking=True)  # [E] bool
+        # Through pinned memory: a non_blocking copy from pageable memory is not asynchronous
+        # (the driver waits for the stream before it copies), which would put a host sync in
+        # every routed layer. The pinned block comes from torch's caching host allocator, which
+        # reuses it only after this copy has completed.
+        return pool.resident_mask(layer).pin_memory().to(device, non_blocking=True)  # [E] bool
     return resident
 
 
