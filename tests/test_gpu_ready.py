@@ -40,8 +40,8 @@ def _prefill_then_step(model, batch: int = 1):
 
 
 class _HostTransfers(TorchFunctionMode):
-    """Records every tensor transfer to the host (`.to("cpu")`, `.cpu()`) and every non_blocking
-    host-to-device copy, with the file that asked for it."""
+    """Records every tensor transfer to the host (`.to("cpu")`, `.cpu()`), and every non_blocking
+    host-to-device copy from pageable memory the engine asks for, with the file that asked."""
 
     def __init__(self):
         super().__init__()
@@ -58,7 +58,8 @@ class _HostTransfers(TorchFunctionMode):
             elif target == "cpu" and args[0].device.type == "cpu" and where.startswith("remoe"):
                 self.to_host.append(where)  # on a CPU run: what would be a transfer on a GPU
             if (target not in (None, "cpu") and args[0].device.type == "cpu"
-                    and kwargs.get("non_blocking") and not args[0].is_pinned()):
+                    and kwargs.get("non_blocking") and not args[0].is_pinned()
+                    and where.startswith("remoe")):
                 self.pageable_async.append(where)
         return func(*args, **kwargs)
 

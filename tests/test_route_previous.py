@@ -121,22 +121,15 @@ def test_opcheck():
 
 @pytest.mark.cuda
 @pytest.mark.slow
-def test_long_prefill_in_bf16_matches_cpu_and_the_loop_on_a_slice():
-    """E=512, K=22, T=32k in bf16 (issue 19, item 9): one launch walks the whole prompt; ids and
-    weights equal the CPU op's (same arithmetic), and a prefix equals the per-position loop."""
-    logits = _logits(1, 32768, 512, torch.bfloat16, "cpu", seed=7)
-    w_cpu, i_cpu = route_topk_previous(logits, 22, reuse_bias=0.01)
-    w_gpu, i_gpu = route_topk_previous(logits.cuda(), 22, reuse_bias=0.01)
-    # exp differs between the backends in the last bits (route_topk_math.h): ids may then
-    # differ where two scores are within an ulp; the recurrence carries such a difference on,
-    # so compare the prefix up to the first disagreement and require it to be long.
-    same = (i_gpu.cpu() == i_cpu).all(-1)[0]
-    first_diff = int((~same).nonzero()[0]) if not bool(same.all()) else same.numel()
-    assert first_diff > 1000, f"CUDA and CPU diverge at position {first_diff}"
-    torch.testing.assert_close(w_gpu.cpu()[:, :first_diff], w_cpu[:, :first_diff],
-                               rtol=1e-5, atol=1e-6)
-    want_w, want_i = loop_reference(logits[:, :256].cuda(), 22, None, 0.01)
-    assert torch.equal(i_gpu[:, :256], want_i) and torch.equal(w_gpu[:, :256], want_w)
+def test_long_prefill_in_bf16_equals_the_loop_on_cuda():
+    """E=512, K=22, T=32k in bf16 (issue 19, item 9): one launch walks the whole prompt and
+    gives exactly what 32k positions of route_topk launches give on the same GPU. (Against the
+    CPU the recurrence could carry on a flip between two selection scores within the backends'
+    different exp; rows compare bit for bit only within one backend.)"""
+    logits = _logits(1, 32768, 512, torch.bfloat16, "cuda", seed=7)
+    got_w, got_i = route_topk_previous(logits, 22, reuse_bias=0.01)
+    want_w, want_i = loop_reference(logits, 22, None, 0.01)
+    assert torch.equal(got_i, want_i) and torch.equal(got_w, want_w)
 
 
 def test_router_keeps_gradients_and_the_sequence_state():
