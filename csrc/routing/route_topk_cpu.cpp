@@ -351,10 +351,18 @@ std::tuple<at::Tensor, at::Tensor> route_topk_previous_cpu(
         const scalar_t* lp = a.logits.data_ptr<scalar_t>();
         float* wp = a.weights.data_ptr<float>();
         int64_t* ip = a.ids.data_ptr<int64_t>();
-        at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
+        const auto run = [&](int64_t begin, int64_t end) {
           route_previous_sequences<scalar_t>(lp, prev_ptr, bias_ptr, wp, ip, p, a.seq_len,
                                              begin, end);
-        });
+        };
+        // One sequence (the usual prefill) runs inline: at::parallel_for would still open an
+        // OpenMP region for it, whose barrier costs milliseconds on a busy machine (measured:
+        // 2.3 ms inline vs 35-60 ms for 4096 positions with the other core loaded).
+        if (a.batch == 1) {
+          run(0, 1);
+        } else {
+          at::parallel_for(0, a.batch, 1, run);
+        }
       });
   return {a.weights, a.ids};
 }
