@@ -61,7 +61,8 @@ class Handle:
         """Pool counters (hits, misses, evictions, bytes read/copied, stall seconds), per layer and
         total, plus the routers' top-k agreement with the unbiased router when the bias is on."""
         stats = self.pool.stats()
-        agree = sum(int(state.agree) for state in self._router_states)  # host sync, here only
+        # Summed on the device first: one host sync for all routers, here only.
+        agree = int(sum(state.agree for state in self._router_states))
         routed = sum(state.routed for state in self._router_states)
         stats["topk_agreement"] = agree / routed if routed else 1.0
         stats["reuse_bias"] = self.reuse_bias
