@@ -16,8 +16,11 @@ void lock(void* ptr, size_t nbytes) {
   if (err != cudaSuccess) {
     cudaGetLastError();  // reset the last-error state, so later checks do not report it
     TORCH_CHECK(false, "cannot page-lock ", nbytes, " bytes of host memory (cudaHostRegister: ",
-                cudaGetErrorString(err), "); the host may be short of memory or the locked-"
-                "memory limit (ulimit -l) too low");
+                cudaGetErrorString(err), ")",
+                err == cudaErrorMemoryAllocation
+                    ? ": the host is short of memory, or the locked-memory limit (ulimit -l) is "
+                      "too low"
+                    : "");
   }
 }
 
