@@ -11,6 +11,7 @@ is marked `cuda` and runs in bench/gpu_check.sh.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 import warnings
 
@@ -141,6 +142,7 @@ def _pinned_store(num_layers=2, num_experts=8, shape=(256, 128)) -> ExpertStore:
 def test_pinned_host_tier_locks_exactly_its_bytes():
     """Was: torch's pinned allocator rounded every request up to a power of two (54 GiB of
     experts pinned 64 GiB). Now the store locks its bytes (page-rounded) and frees them."""
+    gc.collect()  # earlier tests' pinned blobs must not be freed in the middle of this one
     before = ops.pinned_host_bytes()
     rows, cols = 5, 3 * PAGE  # 60 KiB: torch would pin a 64 KiB block
     blobs = ops.pinned_host_empty(rows, cols)
