@@ -29,6 +29,26 @@ def _tests(path: str) -> dict:
         "failed": failed}
 
 
+def _sanitizer(folder: str | None) -> dict:
+    """Per compute-sanitizer tool: its exit status and its ERROR SUMMARY line, from the
+    sanitizer-<tool>.rc / .log files gpu_check.sh writes."""
+    out = {}
+    for tool in ("memcheck", "racecheck", "synccheck"):
+        rc_path = os.path.join(folder or "", f"sanitizer-{tool}.rc")
+        if folder is None or not os.path.exists(rc_path):
+            continue
+        with open(rc_path) as f:
+            rc = int(f.read().strip() or -1)
+        summary = ""
+        log = os.path.join(folder, f"sanitizer-{tool}.log")
+        if os.path.exists(log):
+            with open(log, errors="replace") as f:
+                lines = [line.strip() for line in f if "ERROR SUMMARY" in line]
+            summary = lines[-1] if lines else ""
+        out[tool] = {"rc": rc, "passed": rc == 0, "summary": summary}
+    return out or {"skipped": "compute-sanitizer did not run (not installed, or not reached)"}
+
+
 def _gpu() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
@@ -43,6 +63,8 @@ def main() -> None:
     parser.add_argument("--tests", required=True)
     parser.add_argument("--bench", required=True)
     parser.add_argument("--build-log", default=None)
+    parser.add_argument("--sanitizer", default=None,
+                        help="folder of gpu_check.sh's sanitizer-<tool>.rc/.log files")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -50,7 +72,8 @@ def main() -> None:
 
     result = {"date": datetime.date.today().isoformat(), "gpu": _gpu(),
               "torch": torch.__version__, "cuda": torch.version.cuda,
-              "tests": _tests(args.tests), "benchmarks": {}}
+              "tests": _tests(args.tests), "sanitizer": _sanitizer(args.sanitizer),
+              "benchmarks": {}}
     if os.path.exists(args.bench):
         with open(args.bench) as f:
             raw = json.load(f)
@@ -71,6 +94,9 @@ def main() -> None:
           f"{t.get('errors', 0)} errors, {t.get('skipped', 0)} skipped")
     for name in t.get("failed", []):
         print(f"  FAILED {name}")
+    for tool, r in result["sanitizer"].items():
+        print(f"compute-sanitizer {tool}: {r}" if tool == "skipped" else
+              f"compute-sanitizer {tool}: {'ok' if r['passed'] else 'FAILED'} {r['summary']}")
     for row in result["benchmarks"].get("by_provider", {}).get("rows", []):
         medians = "  ".join(f"{p} {us:.1f}us" for p, us in row["median_us"].items())
         print(f"{row['shape']:<36} {medians}  x{row.get('speedup_vs_torch', float('nan')):.2f}")

@@ -7,6 +7,7 @@
 
 #include "pool/slot_pool.h"
 #include "transfer/crc32c.h"
+#include "transfer/host_memory.h"
 
 // Python imports `remoe_engine._C` only to load this library and run the registrations below;
 // the module has no attributes of its own (ops are reached through torch.ops.remoe).
@@ -73,4 +74,21 @@ TORCH_LIBRARY(remoe, m) {
   // torch.classes.remoe.SlotPool: the expert slot pool (csrc/pool/slot_pool.h; facade and policy
   // specification in remoe_engine/pool.py).
   remoe::register_slot_pool(m);
+
+  // route_topk with the "previous" reuse bias over whole sequences, in one call: logits
+  // [B, S, E]; position s of sequence b prefers (reuse_bias) the K experts position s-1 chose,
+  // position 0 those in previous [B, K] (none when previous is None). Each row is exactly
+  // route_topk's row with that prefer mask. Returns weights [B, S, K] fp32, ids [B, S, K] int64.
+  // No autograd: the router recomputes differentiable weights with route_topk when it must.
+  m.def(
+      "route_topk_previous(Tensor logits, Tensor? previous, int top_k, str scoring, "
+      "bool renormalize, float reuse_bias, Tensor? correction_bias, int n_group, int topk_group, "
+      "str group_score, float routed_scaling) -> (Tensor weights, Tensor ids)");
+  // uint8 [rows, cols] CPU tensor of page-locked memory of exactly rows * cols bytes (page-
+  // rounded), registered with the driver in chunk_bytes pieces and unregistered when freed;
+  // torch's pin_memory rounds to a power of two. Raises in a build without CUDA.
+  m.def("pinned_host_empty(int rows, int cols, int chunk_bytes) -> Tensor",
+        &remoe::pinned_host_empty);
+  // Bytes currently page-locked by pinned_host_empty (page-rounded per tensor).
+  m.def("pinned_host_bytes() -> int", &remoe::pinned_host_bytes);
 }

@@ -82,7 +82,8 @@ class ExpertsState:
         weights = self.pool.weights  # name -> [num_slots, *shape] views of the slot buffer
         up_name = "gate_up_proj" if experts.has_gate else "up_proj"
         return ops.moe_experts(
-            hidden, pair_slots.to(hidden.device, non_blocking=True), top_k_weights,
+            # A plain copy: non_blocking from pageable memory would sync the stream anyway.
+            hidden, pair_slots.to(hidden.device), top_k_weights,
             weights[up_name], weights["down_proj"], gate=self.gate,
             up_bias=weights.get(f"{up_name}_bias"), down_bias=weights.get("down_proj_bias"),
             transposed=bool(experts.is_transposed))
@@ -273,7 +274,7 @@ def _compute(experts: nn.Module, state: ExpertsState, hidden_states: torch.Tenso
     positions = torch.argsort(flat, stable=True)
     slots, counts = torch.unique_consecutive(flat[positions], return_counts=True)
     starts = (torch.cumsum(counts, 0) - counts).tolist()
-    positions = positions.to(hidden_states.device, non_blocking=True)
+    positions = positions.to(hidden_states.device)  # pageable: a non_blocking copy would sync
     tokens, ks = positions // K, positions % K  # [T*K] each, grouped by slot
     for slot, start, n in zip(slots.tolist(), starts, counts.tolist(), strict=True):
         if slot < 0:

@@ -63,7 +63,8 @@ class Handle:
         """Pool counters (hits, misses, evictions, bytes read/copied, stall seconds), per layer and
         total, plus the routers' top-k agreement with the unbiased router when the bias is on."""
         stats = self.pool.stats()
-        agree = sum(int(state.agree) for state in self._router_states)  # host sync, here only
+        # Summed on the device first: one host sync for all routers, here only.
+        agree = int(sum(state.agree for state in self._router_states))
         routed = sum(state.routed for state in self._router_states)
         stats["topk_agreement"] = agree / routed if routed else 1.0
         stats["reuse_bias"] = self.reuse_bias
@@ -201,8 +202,15 @@ def _choose_kernels(blocks: list[MoEBlock], device: torch.device, experts_kernel
 
 
 def _resident_fn(pool, layer: int, device: torch.device):
+    if device.type != "cuda":
+        return lambda: pool.resident_mask(layer)  # [E] bool, already on the host
+
     def resident() -> torch.Tensor:
-        return pool.resident_mask(layer).to(device, non_blocking=True)  # [E] bool
+        # Through pinned memory: a non_blocking copy from pageable memory is not asynchronous
+        # (the driver waits for the stream before it copies), which would put a host sync in
+        # every routed layer. The pinned block comes from torch's caching host allocator, which
+        # reuses it only after this copy has completed.
+        return pool.resident_mask(layer).pin_memory().to(device, non_blocking=True)  # [E] bool
     return resident
 
 

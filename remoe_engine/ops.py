@@ -52,7 +52,8 @@ except ImportError as _error:
     raise _extension_import_error(_error) from _error
 
 __all__ = ["ExpertsGate", "crc32c", "crc32c_impl", "cuda_kernels_built", "moe_experts",
-           "route_topk", "topk_overlap"]
+           "pinned_host_bytes", "pinned_host_empty", "route_topk", "route_topk_previous",
+           "topk_overlap"]
 
 _route_topk = torch.ops.remoe.route_topk.default
 
@@ -248,3 +249,84 @@ def _moe_experts_fake(hidden, slots, route_weights, up, up_bias, down, down_bias
 
 # Autograd is registered in C++ (csrc/routing/route_topk_autograd.cpp): a Python autograd kernel
 # would add microseconds to every inference call.
+
+
+def route_topk_previous(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    previous: torch.Tensor | None = None,
+    reuse_bias: float,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "max",
+    routed_scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route_topk` with the "previous" reuse bias over whole sequences, in one call.
+
+    Position s of each sequence prefers (adds `reuse_bias` to) the K experts position s - 1
+    chose; position 0 prefers `previous`, or nothing when it is None. Each row equals
+    `route_topk(logits[b, s], top_k, prefer=<mask of the previous ids>, reuse_bias=...)`
+    exactly; the recurrence runs inside one kernel (CUDA: one warp per sequence) instead of a
+    few launches per position. The weights carry no gradient.
+
+    Args:
+        logits: [B, S, E] float32 / bfloat16 / float16 router logits.
+        top_k: K.
+        previous: int64 [B, K], the ids chosen just before position 0, or None.
+        reuse_bias, scoring, renormalize, correction_bias, n_group, topk_group, group_score,
+            routed_scaling: as for `route_topk`.
+
+    Returns:
+        weights [B, S, K] float32 and ids [B, S, K] int64.
+    """
+    return torch.ops.remoe.route_topk_previous(
+        logits, previous, top_k, scoring, renormalize, float(reuse_bias), correction_bias,
+        n_group, topk_group, group_score, float(routed_scaling))
+
+
+@torch.library.register_fake("remoe::route_topk_previous")
+def _route_topk_previous_fake(logits, previous, top_k, scoring, renormalize, reuse_bias,
+                              correction_bias, n_group, topk_group, group_score, routed_scaling):
+    torch._check(logits.dim() == 3, lambda: "route_topk_previous: logits must be 3-D")
+    B, S = logits.shape[:2]
+    return (logits.new_empty((B, S, top_k), dtype=torch.float32),
+            logits.new_empty((B, S, top_k), dtype=torch.int64))
+
+
+# cudaHostRegister'ed ranges: big enough that a model's experts take few registrations, small
+# enough that one failure is reported before a whole model's worth is locked.
+PIN_CHUNK_BYTES = 1 << 30
+
+
+def pinned_host_empty(rows: int, cols: int) -> torch.Tensor:
+    """uint8 [rows, cols] page-locked host memory of exactly that size (rounded up to a page).
+
+    torch's `pin_memory=True` rounds each request up to a power of two (54 GiB of experts pins
+    64 GiB). This allocates normally and registers the memory with the CUDA driver in chunks of
+    whole rows (about PIN_CHUNK_BYTES), unregistering it when the tensor is freed. A row never
+    straddles two registrations, so a copy of one row is always from one pinned range.
+
+    Args:
+        rows, cols: the shape; `cols` should be a multiple of 4096 (a slot's bytes are).
+
+    Raises:
+        RuntimeError: CUDA is not available, this build has no CUDA support, or the memory
+            cannot be locked (the driver's message, e.g. the host is short of memory).
+    """
+    if cuda_kernels_built() and not torch.cuda.is_available():
+        raise RuntimeError("pinned host memory serves copies to a GPU, and no CUDA device is "
+                           "available here (torch.cuda.is_available() is False)")
+    # (A build without CUDA refuses in the op itself, naming the build.)
+    chunk = max(1, PIN_CHUNK_BYTES // max(cols, 1)) * cols
+    if chunk % 4096:
+        chunk = PIN_CHUNK_BYTES  # rows not page-sized: page-sized chunks; rows may straddle
+    return torch.ops.remoe.pinned_host_empty(rows, cols, chunk)
+
+
+def pinned_host_bytes() -> int:
+    """Host bytes page-locked by `pinned_host_empty` right now (page-rounded per tensor)."""
+    return torch.ops.remoe.pinned_host_bytes()

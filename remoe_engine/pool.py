@@ -80,6 +80,11 @@ IdsLike = torch.Tensor | Sequence[int]
 
 POLICIES = ("lru", "lfu")
 
+_PAGE = 4096  # pinned memory is locked in whole pages
+# CUDA: staging buffers per reader thread (csrc/transfer/copy_engine_cuda.cu, kStagingPerReader):
+# the disk read of the next expert fills one while the previous one is copied out of the other.
+_STAGING_PER_READER = 2
+
 
 def check_pool_size(slots_per_layer: int | None, memory_budget: int | str | None,
                     policy: str = "lru") -> tuple[int | None, int | None]:
@@ -120,8 +125,9 @@ class SlotPool:
         memory_budget: one global scope of `memory_budget // slot_bytes` slots (bytes, or a
             string like "6GiB"). Exactly one of slots_per_layer and memory_budget.
         policy: "lru" or "lfu".
-        num_threads: reader threads (concurrent storage reads; also CUDA staging buffers, each
-            `slot_bytes` of pinned host memory, which is not counted in the device budget).
+        num_threads: reader threads (concurrent storage reads). On CUDA each has two staging
+            buffers of `slot_bytes` pinned host memory (one is read into while the other is
+            copied to the GPU), not counted in the device budget (see `pinned_host_bytes`).
         o_direct: read files with O_DIRECT, bypassing the page cache: True (an error where the
             filesystem refuses it), False (buffered reads), or "auto" (O_DIRECT where supported,
             buffered elsewhere, e.g. tmpfs). Unaligned ranges (safetensors tensors) are read as
@@ -156,9 +162,10 @@ class SlotPool:
                 and not store.host_blobs.is_pinned()):
             # A copy from pageable memory is staged by the driver and can wait for the compute
             # stream: every miss would stall. Pinned host blobs make the copies truly async.
-            raise ValueError("SlotPool: a CUDA pool needs pinned host blobs; pin them first "
-                             "(store.host_blobs = store.host_blobs.pin_memory(), or "
-                             "ExpertStore.from_model(..., pin_memory=True))")
+            raise ValueError("SlotPool: a CUDA pool needs pinned host blobs; build the store "
+                             "with ExpertStore.from_model(..., pin_memory=True) or "
+                             "store.host_copy(pin_memory=True), which lock exactly the blobs' "
+                             "bytes")
         dtype = dtype or store.layout.dtype
         if dtype != store.layout.dtype and store.tier == "host":
             raise ValueError(f"SlotPool: the host tier holds {store.layout.dtype} blobs; convert "
@@ -372,12 +379,17 @@ class SlotPool:
 
     @property
     def pinned_host_bytes(self) -> int:
-        """Page-locked host memory this pool uses: the host tier's blobs when pinned, and on CUDA
-        one staging buffer of `slot_bytes` per reader thread (cudaHostAlloc)."""
+        """Page-locked host memory this pool uses: the host tier's blobs when pinned (their
+        bytes rounded up to a page, exactly what `ExpertStore.from_model(pin_memory=True)` and
+        `host_copy(pin_memory=True)` lock; blobs pinned with torch's own `pin_memory()` lock up
+        to twice that, which torch does not report), and on CUDA two staging buffers of
+        `slot_bytes` per reader thread (cudaHostAlloc)."""
         blobs = self.store.host_blobs
-        pinned = blobs.numel() if blobs is not None and blobs.is_pinned() else 0
+        pinned = 0
+        if blobs is not None and blobs.is_pinned():
+            pinned = -(-blobs.untyped_storage().nbytes() // _PAGE) * _PAGE
         if self.device.type == "cuda":
-            pinned += self.num_threads * self.slot_bytes
+            pinned += _STAGING_PER_READER * self.num_threads * self.slot_bytes
         return pinned
 
     def reset_stats(self) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from remoe_engine.families import RoutingSpec, module_attr, router_outputs, unpatched_forward
-from remoe_engine.ops import route_topk, topk_overlap
+from remoe_engine.ops import route_topk, route_topk_previous, topk_overlap
 
 BIAS_SOURCES = ("resident", "previous")
 
@@ -113,30 +113,32 @@ def _patched_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
 def _route_with_previous(state: RouterState, logits: torch.Tensor, kwargs: dict):
     """Route token by token within each sequence: token s prefers the ids token s-1 chose.
 
-    Decode (S = 1) is one call; prefill walks the S positions with all B sequences at once.
+    The recurrence runs in one `route_topk_previous` call per layer (one kernel on CUDA), for
+    decode (S = 1) and prefill alike, all B sequences at once.
     """
     T, E = logits.shape
     B, S = state.batch_shape if state.batch_shape is not None else (1, T)
     if B * S != T:  # a caller that flattened differently: treat as one sequence
         B, S = 1, T
-    per_seq = logits.view(B, S, E)
-    weights = logits.new_empty(B, S, state.spec.top_k, dtype=torch.float32)
-    ids = torch.empty(B, S, state.spec.top_k, dtype=torch.int64, device=logits.device)
+    K = state.spec.top_k
     previous = state.sequence_previous.get(state.index)
     if previous is not None and previous.shape[0] != B:
         previous = None
-    for s in range(S):
-        if previous is None:
-            w, i = route_topk(per_seq[:, s], state.spec.top_k, **kwargs)
-        else:
-            prefer = torch.zeros(B, E, dtype=torch.bool, device=logits.device)
-            prefer.scatter_(1, previous, True)
-            w, i = route_topk(per_seq[:, s], state.spec.top_k, prefer=prefer,
-                              reuse_bias=state.reuse_bias, **kwargs)
-        weights[:, s], ids[:, s] = w, i
-        previous = i
-    state.sequence_previous[state.index] = previous
-    return weights.view(T, -1), ids.view(T, -1)
+    per_seq = logits.view(B, S, E)
+    weights, ids = route_topk_previous(per_seq, K, previous=previous,
+                                       reuse_bias=state.reuse_bias, **kwargs)
+    state.sequence_previous[state.index] = ids[:, -1].clone()  # [B, K]; not the whole prefill
+    if torch.is_grad_enabled() and logits.requires_grad:
+        # The recurrent op has no autograd: the same weights, differentiable, from route_topk
+        # with each row's preference (the previous position's ids) now known.
+        prefer = torch.zeros(B, S, E, dtype=torch.bool, device=logits.device)
+        prefer[:, 1:].scatter_(2, ids[:, :-1], True)
+        if previous is not None:
+            prefer[:, 0].scatter_(1, previous, True)
+        weights, _ = route_topk(logits, K, prefer=prefer.view(T, E),
+                                reuse_bias=state.reuse_bias, **kwargs)
+        return weights, ids.view(T, K)
+    return weights.view(T, K), ids.view(T, K)
 
 
 def unbiased_ids(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -776,8 +776,8 @@ class ExpertStore:
 
         Args:
             model: a transformers v5 MoE model with materialized experts (any device).
-            pin_memory: pin the blobs (fast, truly async host-to-GPU copies; only worth it for a
-                pool on a GPU). Default: False.
+            pin_memory: page-lock the blobs, exactly their size (fast, truly async host-to-GPU
+                copies; only for a pool on a GPU: it needs CUDA). Default: False.
             take: after copying a layer's experts, replace its expert parameters with meta
                 tensors of the same shape, freeing their memory (peak: the model + one layer).
 
@@ -810,7 +810,7 @@ class ExpertStore:
         layout = SlotLayout.build(dtype, shapes)
         pin_memory = bool(pin_memory)
         rows = len(blocks) * num_experts
-        blobs = torch.empty(rows, layout.slot_bytes, dtype=torch.uint8, pin_memory=pin_memory)
+        blobs = _host_blobs(rows, layout.slot_bytes, pin_memory)
         for begin, end in layout.gaps():
             blobs[:, begin:end].zero_()  # deterministic padding: packs are reproducible
         with torch.no_grad():
@@ -969,7 +969,8 @@ class ExpertStore:
 
         Args:
             dtype: the copy's float dtype (default: this store's).
-            pin_memory: page-locked host memory, for asynchronous copies to a GPU pool.
+            pin_memory: page-locked host memory of exactly the blobs' size, for asynchronous
+                copies to a GPU pool (needs CUDA).
 
         Returns:
             An ExpertStore with tier "host".
@@ -977,8 +978,7 @@ class ExpertStore:
         E = self.num_experts
         dtype = dtype or self.layout.dtype
         layout = self.layout.in_dtype(dtype)
-        blobs = torch.zeros(len(self.layers) * E, layout.slot_bytes, dtype=torch.uint8,
-                            pin_memory=pin_memory)
+        blobs = _host_blobs(len(self.layers) * E, layout.slot_bytes, pin_memory).zero_()
         for i, layer in enumerate(self.layers):
             for e in range(E):
                 blob = self.read_checked(layer, e)
@@ -990,6 +990,17 @@ class ExpertStore:
                         dst[name].copy_(tensor)  # dtype conversion, once per expert
         return ExpertStore(layout=layout, layers=self.layers, num_experts=E,
                            model_type=self.model_type, source=self.source, host_blobs=blobs)
+
+
+def _host_blobs(rows: int, slot_bytes: int, pin_memory: bool) -> torch.Tensor:
+    """uint8 [rows, slot_bytes] host blobs (uninitialized), page-locked when asked: exactly
+    that many bytes (`ops.pinned_host_empty`), not torch's power-of-two rounding, which pins
+    64 GiB for 54 GiB of experts. Freed (and unlocked) with the tensor."""
+    if not pin_memory:
+        return torch.empty(rows, slot_bytes, dtype=torch.uint8)
+    from remoe_engine import ops
+
+    return ops.pinned_host_empty(rows, slot_bytes)
 
 
 def measure_read_bandwidth(path: str | os.PathLike) -> tuple[float, bool]:

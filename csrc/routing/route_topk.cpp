@@ -112,4 +112,37 @@ RouteTopkOperands route_topk_operands(const at::Tensor& logits, const RouteTopkP
   return io;
 }
 
+RoutePreviousArgs check_route_previous_inputs(
+    const at::Tensor& logits, const std::optional<at::Tensor>& previous, int64_t top_k,
+    std::string_view scoring, bool renormalize, double reuse_bias,
+    const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
+    std::string_view group_score, double routed_scaling) {
+  TORCH_CHECK(logits.dim() == 3, "route_topk_previous: logits must be 3-D [batch, positions, "
+              "experts], got shape ", logits.sizes());
+  RoutePreviousArgs a;
+  a.batch = logits.size(0);
+  a.seq_len = logits.size(1);
+  const int64_t E = logits.size(2);
+  // The per-row rules are route_topk's: check them on the [B * S, E] view.
+  a.params = check_route_topk_inputs(logits.reshape({a.batch * a.seq_len, E}), top_k, scoring,
+                                     renormalize, std::nullopt, reuse_bias, correction_bias,
+                                     n_group, topk_group, group_score, routed_scaling);
+  if (previous.has_value()) {
+    const auto& pr = *previous;
+    TORCH_CHECK(pr.dim() == 2 && pr.size(0) == a.batch && pr.size(1) == top_k &&
+                    pr.scalar_type() == at::kLong,
+                "route_topk_previous: previous must be int64 [", a.batch, ", ", top_k,
+                "] (the ids the position before the first one chose), got ", pr.scalar_type(),
+                " ", pr.sizes());
+    TORCH_CHECK(pr.device() == logits.device(), "route_topk_previous: previous is on ",
+                pr.device(), " but logits are on ", logits.device());
+    a.previous = pr.contiguous();
+  }
+  a.logits = logits.contiguous();
+  if (correction_bias.has_value()) a.correction_bias = correction_bias->contiguous();
+  a.weights = at::empty({a.batch, a.seq_len, top_k}, logits.options().dtype(at::kFloat));
+  a.ids = at::empty({a.batch, a.seq_len, top_k}, logits.options().dtype(at::kLong));
+  return a;
+}
+
 }  // namespace remoe

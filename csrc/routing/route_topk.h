@@ -54,4 +54,21 @@ RouteTopkOperands route_topk_operands(const at::Tensor& logits, const RouteTopkP
                                       const std::optional<at::Tensor>& prefer,
                                       const std::optional<at::Tensor>& correction_bias);
 
+// remoe::route_topk_previous: logits [B, S, E] walked position by position, each position
+// preferring the K experts the one before it chose. Validated once for both backends.
+struct RoutePreviousArgs {
+  RouteTopkParams params;   // num_tokens = B * S; has_prefer false (the kernels build it)
+  int64_t batch, seq_len;   // B, S
+  at::Tensor logits;        // [B, S, E] contiguous
+  at::Tensor previous;      // [B, K] int64 contiguous, or undefined
+  at::Tensor correction_bias;  // [E] float32 contiguous, or undefined
+  at::Tensor weights, ids;  // [B, S, K] float32 / int64 outputs
+};
+
+RoutePreviousArgs check_route_previous_inputs(
+    const at::Tensor& logits, const std::optional<at::Tensor>& previous, int64_t top_k,
+    std::string_view scoring, bool renormalize, double reuse_bias,
+    const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
+    std::string_view group_score, double routed_scaling);
+
 }  // namespace remoe

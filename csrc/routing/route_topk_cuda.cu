@@ -59,30 +59,21 @@ __device__ __forceinline__ void no_candidate(float& value, int& id, int limit) {
   id = limit + static_cast<int>(threadIdx.x % kWarpSize);
 }
 
+// One token row by one warp: steps 1-5 of the file comment. Shared-memory scratch of the warp:
+// score [E], select [E] (select == score when `biased` is false), group_score [G],
+// group_kept [G]. pref: bool [E] or null.
 template <typename scalar_t>
-__global__ void route_topk_kernel(const scalar_t* __restrict__ logits,        // [T, E]
-                                  const bool* __restrict__ prefer,            // [E] | [T, E] | null
-                                  const float* __restrict__ correction_bias,  // [E] | null
-                                  float* __restrict__ weights,                // [T, K]
-                                  int64_t* __restrict__ ids,                  // [T, K]
-                                  const RouteTopkParams p) {
-  extern __shared__ float shared[];
+__device__ __forceinline__ void route_row_warp(const scalar_t* __restrict__ row,     // [E]
+                                               const bool* pref,                      // [E] | null
+                                               const float* __restrict__ correction_bias,  // [E]|null
+                                               float* __restrict__ out_w,             // [K]
+                                               int64_t* __restrict__ out_ids,         // [K]
+                                               const RouteTopkParams& p, bool biased, float* score,
+                                               float* select, float* group_score,
+                                               float* group_kept, int lane) {
   const int E = static_cast<int>(p.num_experts);
   const int K = static_cast<int>(p.top_k);
   const int G = static_cast<int>(p.n_group);
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const bool biased = p.has_prefer || p.has_correction_bias;
-  // Per warp: score [E], select [E] when biased, group scores [G], group kept flags [G].
-  const int per_warp = E + (biased ? E : 0) + 2 * G;
-  float* score = shared + warp * per_warp;
-  float* select = biased ? score + E : score;
-  float* group_score = select + E;
-  float* group_kept = group_score + G;
-
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + warp;
-  if (t >= p.num_tokens) return;  // whole warps exit together, so the shuffles below stay full
-  const scalar_t* row = logits + t * E;
 
   // 1. Unbiased fp32 scores.
   if (p.scoring == Scoring::kSoftmax) {
@@ -112,7 +103,6 @@ __global__ void route_topk_kernel(const scalar_t* __restrict__ logits,        //
 
   // 2. Selection scores: biases move the choice, never the weights.
   if (biased) {
-    const bool* pref = p.has_prefer ? prefer + (p.prefer_per_token ? t * E : 0) : nullptr;
     for (int e = lane; e < E; e += kWarpSize) {
       select[e] = selection_score(score[e], correction_bias != nullptr ? correction_bias[e] : 0.0f,
                                   pref != nullptr && pref[e], p.reuse_bias);
@@ -153,8 +143,6 @@ __global__ void route_topk_kernel(const scalar_t* __restrict__ logits,        //
   }
 
   // 4. Top-K in K rounds; lane 0 writes each winner.
-  int64_t* out_ids = ids + t * K;
-  float* out_w = weights + t * K;
   float prev_value = 0.0f;
   int prev_id = -1;
   for (int round = 0; round < K; ++round) {
@@ -178,6 +166,80 @@ __global__ void route_topk_kernel(const scalar_t* __restrict__ logits,        //
 
   // 5. Weights from the unbiased scores (lane 0 alone: K is small).
   if (lane == 0) topk_weights(score, out_ids, p, out_w);
+}
+
+template <typename scalar_t>
+__global__ void route_topk_kernel(const scalar_t* __restrict__ logits,        // [T, E]
+                                  const bool* __restrict__ prefer,            // [E] | [T, E] | null
+                                  const float* __restrict__ correction_bias,  // [E] | null
+                                  float* __restrict__ weights,                // [T, K]
+                                  int64_t* __restrict__ ids,                  // [T, K]
+                                  const RouteTopkParams p) {
+  extern __shared__ float shared[];
+  const int E = static_cast<int>(p.num_experts);
+  const int K = static_cast<int>(p.top_k);
+  const int G = static_cast<int>(p.n_group);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const bool biased = p.has_prefer || p.has_correction_bias;
+  // Per warp: score [E], select [E] when biased, group scores [G], group kept flags [G].
+  const int per_warp = E + (biased ? E : 0) + 2 * G;
+  float* score = shared + warp * per_warp;
+  float* select = biased ? score + E : score;
+  float* group_score = select + E;
+  float* group_kept = group_score + G;
+
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + warp;
+  if (t >= p.num_tokens) return;  // whole warps exit together, so the shuffles below stay full
+  const bool* pref = p.has_prefer ? prefer + (p.prefer_per_token ? t * E : 0) : nullptr;
+  route_row_warp(logits + t * E, pref, correction_bias, weights + t * K, ids + t * K, p, biased,
+                 score, select, group_score, group_kept, lane);
+}
+
+// route_topk_previous: one warp walks one sequence, position by position (each position needs
+// the ids of the one before it), so a prefill is one launch per layer instead of ~5 per
+// position. Per warp: score [E], select [E], group scores [G], group kept [G], mask bool [E].
+template <typename scalar_t>
+__global__ void route_topk_previous_kernel(const scalar_t* __restrict__ logits,  // [B, S, E]
+                                           const int64_t* __restrict__ previous,  // [B, K] | null
+                                           const float* __restrict__ correction_bias,  // [E]|null
+                                           float* __restrict__ weights,           // [B, S, K]
+                                           int64_t* __restrict__ ids,             // [B, S, K]
+                                           const RouteTopkParams p, int64_t batch,
+                                           int64_t seq_len) {
+  extern __shared__ float shared[];
+  const int E = static_cast<int>(p.num_experts);
+  const int K = static_cast<int>(p.top_k);
+  const int G = static_cast<int>(p.n_group);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int per_warp = 2 * E + 2 * G + (E + 3) / 4;  // floats; the mask's bytes rounded up
+  float* score = shared + warp * per_warp;
+  float* select = score + E;
+  float* group_score = select + E;
+  float* group_kept = group_score + G;
+  bool* mask = reinterpret_cast<bool*>(group_kept + G);
+
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + warp;
+  if (b >= batch) return;  // whole warps exit together
+  const int64_t* prev = previous != nullptr ? previous + b * K : nullptr;
+  for (int64_t s = 0; s < seq_len; ++s) {
+    const int64_t row = b * seq_len + s;
+    if (prev != nullptr) {
+      for (int e = lane; e < E; e += kWarpSize) mask[e] = false;
+      __syncwarp();
+      for (int k = lane; k < K; k += kWarpSize) {
+        const int64_t id = prev[k];
+        if (id >= 0 && id < E) mask[id] = true;
+      }
+      __syncwarp();
+    }
+    route_row_warp(logits + row * E, prev != nullptr ? mask : nullptr, correction_bias,
+                   weights + row * K, ids + row * K, p, /*biased=*/true, score, select,
+                   group_score, group_kept, lane);
+    __syncwarp();  // lane 0 wrote this row's ids: the next position's mask reads them
+    prev = ids + row * K;
+  }
 }
 
 template <typename scalar_t>
@@ -222,8 +284,47 @@ std::tuple<at::Tensor, at::Tensor> route_topk_cuda(
   return {io.weights, io.ids};
 }
 
+std::tuple<at::Tensor, at::Tensor> route_topk_previous_cuda(
+    const at::Tensor& logits, const std::optional<at::Tensor>& previous, int64_t top_k,
+    c10::string_view scoring, bool renormalize, double reuse_bias,
+    const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
+    c10::string_view group_score, double routed_scaling) {
+  const RoutePreviousArgs a =
+      check_route_previous_inputs(logits, previous, top_k, scoring, renormalize, reuse_bias,
+                                  correction_bias, n_group, topk_group, group_score,
+                                  routed_scaling);
+  const RouteTopkParams& p = a.params;
+  const int64_t per_warp_bytes =
+      sizeof(float) * (2 * p.num_experts + 2 * p.n_group + (p.num_experts + 3) / 4);
+  TORCH_CHECK(per_warp_bytes <= kSharedBudget, "route_topk_previous (CUDA): ", p.num_experts,
+              " experts need ", per_warp_bytes, " bytes of shared memory per sequence, more than "
+              "the ", kSharedBudget, " this kernel uses");
+  // Out-of-range previous ids are ignored by the kernel (checking them here would cost a host
+  // sync); the router only passes ids route_topk chose.
+  if (p.num_tokens == 0) return {a.weights, a.ids};
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // Few sequences, each walked serially: small blocks spread them over more SMs.
+  const int64_t warps = std::max<int64_t>(1, std::min<int64_t>(4, kSharedBudget / per_warp_bytes));
+  const int64_t blocks = (a.batch + warps - 1) / warps;
+  const float* bias_ptr = a.correction_bias.defined() ? a.correction_bias.data_ptr<float>() : nullptr;
+  const int64_t* prev_ptr = a.previous.defined() ? a.previous.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, a.logits.scalar_type(), "route_topk_previous_cuda", [&] {
+        route_topk_previous_kernel<scalar_t>
+            <<<blocks, warps * kWarpSize, warps * per_warp_bytes, stream>>>(
+                a.logits.data_ptr<scalar_t>(), prev_ptr, bias_ptr, a.weights.data_ptr<float>(),
+                a.ids.data_ptr<int64_t>(), p, a.batch, a.seq_len);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return {a.weights, a.ids};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(remoe, CUDA, m) { m.impl("route_topk", &route_topk_cuda); }
+TORCH_LIBRARY_IMPL(remoe, CUDA, m) {
+  m.impl("route_topk", &route_topk_cuda);
+  m.impl("route_topk_previous", &route_topk_previous_cuda);
+}
 
 }  // namespace remoe

@@ -1,13 +1,24 @@
 // CUDA copy engine: the slot buffer lives on the GPU; loads copy host bytes into slots with
-// cudaMemcpyAsync on one dedicated copy stream.
+// cudaMemcpyAsync on copy streams of the engine's own.
 //
 // Ordering, all with events (no device-wide or stream-wide sync on the hot path):
 //   released_[s]  recorded on the consumer's stream by release(): the next copy into slot s waits
 //                 on it, so an evicted expert is never overwritten while a kernel still reads it.
-//   loaded_[s]    recorded on the copy stream after the copy into slot s: acquire()/wait() make
-//                 the consumer's current stream wait on it.
-//   staged_[w]    recorded after the copy out of reader w's pinned staging buffer: the reader
-//                 host-waits on it before reading the next expert into that buffer.
+//   loaded_[s]    recorded on the copy's stream after the copy into slot s: acquire()/wait() make
+//                 the consumer's current stream wait on it, and the next copy into slot s (maybe
+//                 on another stream) waits on it too, so two loads into one slot land in order.
+//   staged_[w][i] recorded after the copy out of reader w's pinned staging buffer i: the reader
+//                 host-waits on it (blocking sync, no spinning) before reading into buffer i again.
+//
+// Pipelining:
+//   - Each reader has two staging buffers, used in turn: the disk read of its next expert goes
+//     into one while the copy of the previous expert leaves the other.
+//   - Each reader has its own copy stream, and copies made on the caller's thread (host tier) one
+//     more: a copy waiting for a busy slot only holds up its own stream.
+//   - Waits are added only for events not yet complete (cudaEventQuery first): a copy into a slot
+//     whose release and previous load are long done goes straight onto its stream; a copy that
+//     must wait goes onto the wait lane of its slot (slot % kWaitLanes), so a slot still read by
+//     a kernel never delays copies into other slots.
 
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,6 +26,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <vector>
 
 #include "copy_engine.h"
@@ -23,6 +35,12 @@
 namespace remoe {
 
 namespace {
+
+// Streams a copy that must wait for its slot can go to; more lanes, fewer unrelated copies
+// stuck behind one busy slot.
+constexpr int kWaitLanes = 4;
+// Staging buffers per reader: one being read into while the other is copied out.
+constexpr int kStagingPerReader = 2;
 
 class CudaCopyEngine final : public CopyEngine {
  public:
@@ -36,37 +54,50 @@ class CudaCopyEngine final : public CopyEngine {
     base_ = slots_.data_ptr<uint8_t>();
     int least = 0, greatest = 0;
     C10_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    // A stream of our own (not the shared pool): the copy queue is the pool's alone, and the
+    // Streams of our own (not the shared pool): the copy queues are the pool's alone, and the
     // highest priority lets copies overtake bulk work on other streams.
-    C10_CUDA_CHECK(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, greatest));
+    // [0, num_workers): reader w's; num_workers: the caller thread's; then the wait lanes.
+    streams_.resize(num_workers + 1 + kWaitLanes);
+    for (cudaStream_t& st : streams_) {
+      C10_CUDA_CHECK(cudaStreamCreateWithPriority(&st, cudaStreamNonBlocking, greatest));
+    }
     loaded_.resize(num_slots);
     released_.resize(num_slots);
     for (int64_t s = 0; s < num_slots; ++s) {
+      // Never host-waited: only queried and waited on by streams, so no blocking-sync flag.
       C10_CUDA_CHECK(cudaEventCreateWithFlags(&loaded_[s], cudaEventDisableTiming));
       C10_CUDA_CHECK(cudaEventCreateWithFlags(&released_[s], cudaEventDisableTiming));
     }
-    staging_.resize(num_workers, nullptr);
-    staged_.resize(num_workers);
+    staging_.resize(num_workers);
+    next_.assign(num_workers, 0);
+    current_.assign(num_workers, 0);
     for (int w = 0; w < num_workers; ++w) {
-      // cudaHostAlloc memory is page-aligned: O_DIRECT can read straight into it.
-      C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&staging_[w]),
-                                   static_cast<size_t>(slot_bytes_), cudaHostAllocDefault));
-      C10_CUDA_CHECK(cudaEventCreateWithFlags(&staged_[w], cudaEventDisableTiming));
+      for (int i = 0; i < kStagingPerReader; ++i) {
+        Staging& st = staging_[w][i];
+        // cudaHostAlloc memory is page-aligned: O_DIRECT can read straight into it.
+        C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&st.buffer),
+                                     static_cast<size_t>(slot_bytes_), cudaHostAllocDefault));
+        // Blocking sync: the reader sleeps until the copy is done instead of spinning a core.
+        C10_CUDA_CHECK(cudaEventCreateWithFlags(
+            &st.copied, cudaEventDisableTiming | cudaEventBlockingSync));
+      }
     }
   }
 
   ~CudaCopyEngine() override {
     const c10::cuda::CUDAGuard guard(device_);
-    // Host sync on our own stream only: staging buffers and events may be freed only after the
+    // Host sync on our own streams only: staging buffers and events may be freed only after the
     // copies that use them have finished. Errors are ignored: destructors must not throw.
-    cudaStreamSynchronize(copy_stream_);
-    for (uint8_t* p : staging_) {
-      if (p != nullptr) cudaFreeHost(p);
+    for (cudaStream_t st : streams_) cudaStreamSynchronize(st);
+    for (auto& buffers : staging_) {
+      for (Staging& st : buffers) {
+        if (st.buffer != nullptr) cudaFreeHost(st.buffer);
+        if (st.copied != nullptr) cudaEventDestroy(st.copied);
+      }
     }
-    for (cudaEvent_t e : staged_) cudaEventDestroy(e);
     for (cudaEvent_t e : loaded_) cudaEventDestroy(e);
     for (cudaEvent_t e : released_) cudaEventDestroy(e);
-    cudaStreamDestroy(copy_stream_);
+    for (cudaStream_t st : streams_) cudaStreamDestroy(st);
   }
 
   at::Tensor slots() const override { return slots_; }
@@ -75,22 +106,28 @@ class CudaCopyEngine final : public CopyEngine {
     TORCH_CHECK(worker >= 0 && worker < static_cast<int>(staging_.size()),
                 "SlotPool (CUDA): storage reads must run on a reader thread, got worker ", worker);
     const c10::cuda::CUDAGuard guard(device_);
-    // Host sync on one event: the previous copy out of this staging buffer must finish before
-    // the next read overwrites it. Usually long done (the PCIe copy is faster than the read).
-    C10_CUDA_CHECK(cudaEventSynchronize(staged_[worker]));
-    return staging_[worker];
+    // Only reader `worker` touches its own entries: no lock.
+    const int i = next_[worker];
+    next_[worker] = (i + 1) % kStagingPerReader;
+    current_[worker] = i;
+    Staging& st = staging_[worker][i];
+    // Host sync on one event (blocking, not spinning): the copy out of this buffer, two loads
+    // ago, must be done before the read overwrites it. With two buffers it usually is.
+    C10_CUDA_CHECK(cudaEventSynchronize(st.copied));
+    return st.buffer;
   }
 
   int64_t commit_read(int64_t slot, int worker, int64_t nbytes) override {
     const c10::cuda::CUDAGuard guard(device_);
-    enqueue_copy(slot, staging_[worker], nbytes);
-    C10_CUDA_CHECK(cudaEventRecord(staged_[worker], copy_stream_));
+    Staging& st = staging_[worker][current_[worker]];
+    const cudaStream_t stream = enqueue_copy(slot, st.buffer, nbytes, streams_[worker]);
+    C10_CUDA_CHECK(cudaEventRecord(st.copied, stream));
     return nbytes;
   }
 
   int64_t copy_from_host(int64_t slot, const uint8_t* src, int64_t nbytes) override {
     const c10::cuda::CUDAGuard guard(device_);
-    enqueue_copy(slot, src, nbytes);
+    enqueue_copy(slot, src, nbytes, streams_[staging_.size()]);
     return nbytes;
   }
 
@@ -109,24 +146,48 @@ class CudaCopyEngine final : public CopyEngine {
   }
 
  private:
-  void enqueue_copy(int64_t slot, const uint8_t* src, int64_t nbytes) {
+  struct Staging {
+    uint8_t* buffer = nullptr;  // [slot_bytes] pinned
+    cudaEvent_t copied = nullptr;
+  };
+
+  // True when `event` has not completed yet (an event never recorded counts as complete).
+  static bool pending(cudaEvent_t event) {
+    const cudaError_t state = cudaEventQuery(event);
+    if (state == cudaErrorNotReady) return true;
+    C10_CUDA_CHECK(state);
+    return false;
+  }
+
+  // Enqueues the copy into `slot` on `ready` when nothing it must wait for is still pending,
+  // else on the slot's wait lane behind those events. Returns the stream used.
+  cudaStream_t enqueue_copy(int64_t slot, const uint8_t* src, int64_t nbytes, cudaStream_t ready) {
     // The slot's previous consumer must be done with it (an evicted expert is dropped, but a
-    // kernel enqueued before its release may still be reading it).
-    C10_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, released_[slot], 0));
+    // kernel enqueued before its release may still be reading it), and the slot's previous load
+    // (maybe on another stream) must have landed, or it would overwrite this one.
+    const bool busy = pending(released_[slot]);
+    const bool loading = pending(loaded_[slot]);
+    cudaStream_t stream = ready;
+    if (busy || loading) {
+      stream = streams_[staging_.size() + 1 + slot % kWaitLanes];
+      if (busy) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, released_[slot], 0));
+      if (loading) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, loaded_[slot], 0));
+    }
     C10_CUDA_CHECK(cudaMemcpyAsync(base_ + slot * slot_bytes_, src, static_cast<size_t>(nbytes),
-                                   cudaMemcpyHostToDevice, copy_stream_));
-    C10_CUDA_CHECK(cudaEventRecord(loaded_[slot], copy_stream_));
+                                   cudaMemcpyHostToDevice, stream));
+    C10_CUDA_CHECK(cudaEventRecord(loaded_[slot], stream));
+    return stream;
   }
 
   c10::Device device_;
   int64_t slot_bytes_;
   at::Tensor slots_;  // [num_slots, slot_bytes] uint8 on device_
   uint8_t* base_ = nullptr;
-  cudaStream_t copy_stream_ = nullptr;
+  std::vector<cudaStream_t> streams_;  // [num_workers + 1 + kWaitLanes], see the constructor
   std::vector<cudaEvent_t> loaded_;    // [num_slots]
   std::vector<cudaEvent_t> released_;  // [num_slots]
-  std::vector<uint8_t*> staging_;      // [num_workers] pinned, slot_bytes each
-  std::vector<cudaEvent_t> staged_;    // [num_workers]
+  std::vector<std::array<Staging, kStagingPerReader>> staging_;  // [num_workers]
+  std::vector<int> next_, current_;    // [num_workers] staging buffer to use next / in use
 };
 
 std::unique_ptr<CopyEngine> make_cuda_engine(const c10::Device& device, int64_t num_slots,
