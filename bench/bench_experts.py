@@ -131,6 +131,7 @@ def test_experts_kernels(benchmark, models, threads):
                 _use(provider, handle)
                 prefill[provider].append(_prefill_s(model, long_prompt))
 
+    load_before = os.getloadavg()[0]
     try:
         # A warm-up pass (first-call allocations, lazy inits), then the measured rounds.
         _decode_interleaved(models, handle, prompt, {p: [] for p in PROVIDERS})
@@ -147,7 +148,10 @@ def test_experts_kernels(benchmark, models, threads):
                fused_tpot_vs_loop=tpot["fused"] / tpot["loop"],
                fused_prefill_vs_transformers=prefill_ms["fused"] / prefill_ms["transformers"],
                fused_prefill_vs_loop=prefill_ms["fused"] / prefill_ms["loop"],
-               fused_step_breakdown_ms=breakdown)
+               fused_step_breakdown_ms=breakdown,
+               # Other processes on the machine: a 2-thread case on a 2-core machine with a
+               # load average well above 2 measures contention, not the kernels.
+               load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     RESULTS.append(row)
     benchmark.extra_info.update(row)
     # The fused op must agree with transformers on this model (a benchmark of a wrong kernel

@@ -190,7 +190,7 @@ def experts_table() -> list[str]:
              f"{data['new_tokens']} greedy decode steps per round, prefill one "
              f"{data['prefill_tokens']}-token forward. Ratios below 1 mean the fused op is "
              "faster. The step breakdown times the fused model's experts, routers and attention "
-             "modules in a separate pass.", "",
+             "modules in a separate pass." + (f" {data['note']}" if data.get("note") else ""), "",
              "| model | dtype | threads | TPOT ms transformers / loop / fused | fused vs "
              "transformers | fused vs loop | prefill ms transformers / loop / fused | fused vs "
              "transformers | step ms: experts / routing / attention / rest |",

@@ -81,9 +81,11 @@ class ExpertsState:
         fp32 [T, H]."""
         weights = self.pool.weights  # name -> [num_slots, *shape] views of the slot buffer
         up_name = "gate_up_proj" if experts.has_gate else "up_proj"
-        return ops.moe_experts(
+        if hidden.device.type != "cpu":
             # A plain copy: non_blocking from pageable memory would sync the stream anyway.
-            hidden, pair_slots.to(hidden.device), top_k_weights,
+            pair_slots = pair_slots.to(hidden.device)
+        return ops.moe_experts(
+            hidden, pair_slots, top_k_weights,
             weights[up_name], weights["down_proj"], gate=self.gate,
             up_bias=weights.get(f"{up_name}_bias"), down_bias=weights.get("down_proj_bias"),
             transposed=bool(experts.is_transposed))
