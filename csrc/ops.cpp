@@ -57,4 +57,11 @@ TORCH_LIBRARY(remoe, m) {
   // torch.classes.remoe.SlotPool: the expert slot pool (csrc/pool/slot_pool.h; facade and policy
   // specification in remoe_engine/pool.py).
   remoe::register_slot_pool(m);
+
+  // Dequantize one compressed expert blob (csrc/quant/dequant.h): blob uint8 [n] on the CPU or a
+  // GPU, plan int64 [N, 12] on the CPU (remoe_engine/quant.py, QuantLayout.plan) -> uint8
+  // [out_bytes] on the blob's device, zero where no part writes, each part's elements in `dtype`
+  // (float32 | bfloat16 | float16). The reader threads and the CUDA copy engine run the same
+  // arithmetic on every load of a compressed store; a non-finite scale is an error.
+  m.def("dequantize(Tensor blob, Tensor plan, ScalarType dtype, int out_bytes) -> Tensor");
 }

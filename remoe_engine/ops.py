@@ -50,7 +50,8 @@ try:
 except ImportError as _error:
     raise _extension_import_error(_error) from _error
 
-__all__ = ["crc32c", "crc32c_impl", "cuda_kernels_built", "route_topk", "topk_overlap"]
+__all__ = ["crc32c", "crc32c_impl", "cuda_kernels_built", "dequantize", "route_topk",
+           "topk_overlap"]
 
 _route_topk = torch.ops.remoe.route_topk.default
 
@@ -183,3 +184,24 @@ def _route_topk_fake(logits, top_k, scoring, renormalize, prefer, reuse_bias, co
 
 # Autograd is registered in C++ (csrc/routing/route_topk_autograd.cpp): a Python autograd kernel
 # would add microseconds to every inference call.
+
+
+def dequantize(blob: torch.Tensor, plan: torch.Tensor, dtype: torch.dtype,
+               out_bytes: int) -> torch.Tensor:
+    """Dequantize one compressed expert blob into slot bytes (csrc/quant/dequant.h).
+
+    Args:
+        blob: uint8 [n], CPU or CUDA: codes and scales as `plan` places them.
+        plan: int64 [N, 12] on the CPU (remoe_engine.quant.QuantLayout.plan).
+        dtype: the slot dtype: float32, bfloat16 or float16.
+        out_bytes: bytes of the slot.
+
+    Returns:
+        uint8 [out_bytes] on blob's device, zero where no part writes.
+    """
+    return torch.ops.remoe.dequantize(blob, plan, dtype, out_bytes)
+
+
+@torch.library.register_fake("remoe::dequantize")
+def _dequantize_fake(blob, plan, dtype, out_bytes):
+    return blob.new_empty((out_bytes,), dtype=torch.uint8)

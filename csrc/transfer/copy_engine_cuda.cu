@@ -8,6 +8,10 @@
 //                 the consumer's current stream wait on it.
 //   staged_[w]    recorded after the copy out of reader w's pinned staging buffer: the reader
 //                 host-waits on it before reading the next expert into that buffer.
+// Compressed experts: the compressed blob is copied into a device scratch buffer (one per reader,
+// one more for host-tier rows) and the dequantize kernel writes the slot, both on the copy stream
+// (so a scratch buffer is reused only after the kernel that read it), between the released_ wait
+// and the loaded_ record.
 
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,8 +19,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <cstring>
+#include <mutex>
 #include <vector>
 
+#include "../quant/dequant_cuda.h"
 #include "copy_engine.h"
 #include "reader.h"
 
@@ -96,6 +103,39 @@ class CudaCopyEngine final : public CopyEngine {
 
   bool host_copy_is_async() const override { return true; }
 
+  bool enable_dequant(const std::vector<DequantPart>& parts, at::ScalarType dtype,
+                      int64_t blob_bytes) override {
+    // A compressed blob is read into the staging buffer; one that does not fit stays on the host.
+    if (blob_bytes > slot_bytes_) return false;
+    const c10::cuda::CUDAGuard guard(device_);
+    const auto bytes = static_cast<int64_t>(parts.size() * sizeof(DequantPart));
+    at::Tensor table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+    std::memcpy(table.data_ptr<uint8_t>(), parts.data(), static_cast<size_t>(bytes));
+    parts_ = table.to(slots_.device());  // a synchronous copy, once
+    num_parts_ = static_cast<int64_t>(parts.size());
+    max_elements_ = max_part_elements(parts);
+    dtype_ = dtype;
+    // [readers + 1, blob_bytes]: the last row serves host-tier rows (copy_from_host's callers).
+    scratch_ = at::empty({static_cast<int64_t>(staging_.size()) + 1, blob_bytes},
+                         slots_.options());
+    return true;
+  }
+
+  int64_t commit_dequant(int64_t slot, int worker, int64_t nbytes) override {
+    const c10::cuda::CUDAGuard guard(device_);
+    enqueue_dequant(slot, worker, staging_[worker], nbytes);
+    C10_CUDA_CHECK(cudaEventRecord(staged_[worker], copy_stream_));
+    return nbytes;
+  }
+
+  int64_t dequant_from_host(int64_t slot, const uint8_t* src, int64_t nbytes) override {
+    const c10::cuda::CUDAGuard guard(device_);
+    // Host-tier loads are enqueued by the acquiring threads: one at a time on the shared row.
+    std::lock_guard<std::mutex> lock(host_scratch_mu_);
+    enqueue_dequant(slot, static_cast<int>(staging_.size()), src, nbytes);
+    return nbytes;
+  }
+
   void wait_loaded(int64_t slot) override {
     const c10::cuda::CUDAGuard guard(device_);
     const cudaStream_t consumer = c10::cuda::getCurrentCUDAStream(device_.index()).stream();
@@ -118,6 +158,21 @@ class CudaCopyEngine final : public CopyEngine {
     C10_CUDA_CHECK(cudaEventRecord(loaded_[slot], copy_stream_));
   }
 
+  // Copy stream: wait for the slot's release, copy the compressed blob into scratch row `row`,
+  // dequantize it into the slot, record the slot's load.
+  void enqueue_dequant(int64_t slot, int row, const uint8_t* src, int64_t nbytes) {
+    TORCH_CHECK(scratch_.defined() && nbytes <= scratch_.size(1), "SlotPool (CUDA): ", nbytes,
+                "-byte compressed blob without enable_dequant for it");
+    uint8_t* scratch = scratch_.data_ptr<uint8_t>() + row * scratch_.size(1);
+    C10_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, released_[slot], 0));
+    C10_CUDA_CHECK(cudaMemcpyAsync(scratch, src, static_cast<size_t>(nbytes),
+                                   cudaMemcpyHostToDevice, copy_stream_));
+    launch_dequantize(reinterpret_cast<const DequantPart*>(parts_.data_ptr<uint8_t>()),
+                      num_parts_, max_elements_, scratch, base_ + slot * slot_bytes_, dtype_,
+                      copy_stream_);
+    C10_CUDA_CHECK(cudaEventRecord(loaded_[slot], copy_stream_));
+  }
+
   c10::Device device_;
   int64_t slot_bytes_;
   at::Tensor slots_;  // [num_slots, slot_bytes] uint8 on device_
@@ -127,6 +182,12 @@ class CudaCopyEngine final : public CopyEngine {
   std::vector<cudaEvent_t> released_;  // [num_slots]
   std::vector<uint8_t*> staging_;      // [num_workers] pinned, slot_bytes each
   std::vector<cudaEvent_t> staged_;    // [num_workers]
+  // Compressed experts (enable_dequant): the plan on the device, scratch rows for blobs.
+  at::Tensor parts_;                   // [num_parts * sizeof(DequantPart)] uint8 on device_
+  int64_t num_parts_ = 0, max_elements_ = 0;
+  at::ScalarType dtype_ = at::kFloat;
+  at::Tensor scratch_;                 // [num_workers + 1, blob_bytes] uint8 on device_
+  std::mutex host_scratch_mu_;
 };
 
 std::unique_ptr<CopyEngine> make_cuda_engine(const c10::Device& device, int64_t num_slots,
