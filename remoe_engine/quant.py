@@ -237,8 +237,9 @@ def _check_part(p: QuantPart, blob_bytes: int) -> None:
     if raw != (p.scale is None) or (p.codes == "uint4") != (p.zero_offset >= 0):
         raise ValueError(f"part of {p.param!r}: codes {p.codes} with scale {p.scale} and zero "
                          f"offset {p.zero_offset}")
-    if CODE_BITS[p.codes] == 4 and p.cols % 2:
-        raise ValueError(f"part of {p.param!r}: 4-bit codes need an even number of columns")
+    if CODE_BITS[p.codes] == 4 and (p.cols % 2 or p.block[1] % 2):
+        raise ValueError(f"part of {p.param!r}: 4-bit codes need an even number of columns "
+                         "and of block columns")
     spans = [(p.code_offset, p.code_bytes)]
     if p.scale is not None:
         spans.append((p.scale_offset, p.scale_bytes))

@@ -7,7 +7,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <sstream>
+#include <type_traits>
 #include <stdexcept>
 
 #include "dequant.h"
@@ -28,20 +30,54 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
   throw std::runtime_error(msg.str());
 }
 
-// One part, its code kind a compile-time constant: decode_code's switch folds away and the inner
-// loop over a block's columns is straight-line code.
-template <int64_t Kind, typename Store>
-void dequantize_kind(const DequantPart& p, const uint8_t* src, uint8_t* dst, int64_t part_index,
-                     Store store) {
+// float -> the slot's element type (Out: float, uint16_t holding bfloat16 bits, c10::Half).
+template <typename Out>
+inline Out to_out(float v) {
+  if constexpr (std::is_same_v<Out, uint16_t>) {
+    return float_to_bf16_bits(v);
+  } else {
+    return Out(v);  // float, or c10::Half: round to nearest even, as torch's .to(float16)
+  }
+}
+
+// Every float8_e4m3fn byte as a float, built once.
+const float* fp8_table() {
+  static const auto table = [] {
+    std::array<float, 256> t{};
+    for (int b = 0; b < 256; ++b) t[b] = fp8_e4m3fn_to_float(static_cast<uint8_t>(b));
+    return t;
+  }();
+  return table.data();
+}
+
+// One part, its code kind and slot type compile-time constants. Per block, 4-bit codes become a
+// 16-entry table of finished values ((q - zero) * scale or e2m1(q) * scale, the very products the
+// per-element formula computes) and fp8 codes a lookup times the scale, so the inner loop is a
+// lookup, a multiply at most and a store.
+template <int64_t Kind, typename Out, bool UnitStride>
+void dequantize_kind(const DequantPart& p, const uint8_t* src, uint8_t* dst, int64_t part_index) {
   const uint8_t* codes = src + p.code_offset;
   const uint8_t* scales = p.scale_kind == kScaleNone ? nullptr : src + p.scale_offset;
   const uint8_t* zeros = p.zero_offset < 0 ? nullptr : src + p.zero_offset;
+  Out* out = reinterpret_cast<Out*>(dst + p.dst_offset);
+  // A unit column stride known at compile time lets the compiler vectorize the inner loops.
+  const int64_t rs = p.dst_row_stride, cs = UnitStride ? 1 : p.dst_col_stride;
   const int64_t grid_cols = ceil_div(p.cols, p.block_cols);
+  const float* fp8 = fp8_table();
+  float lut[16];
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t grid_row = (r / p.block_rows) * grid_cols;
+    Out* row_out = out + r * rs;
     for (int64_t c0 = 0; c0 < p.cols; c0 += p.block_cols) {
+      const int64_t c1 = std::min(p.cols, c0 + p.block_cols);
+      if constexpr (Kind == kCodeF32 || Kind == kCodeBF16 || Kind == kCodeF16) {
+        for (int64_t c = c0; c < c1; ++c) {
+          row_out[c * cs] = to_out<Out>(decode_code(Kind, codes, r * p.cols + c));
+        }
+        continue;
+      }
       const int64_t g = grid_row + c0 / p.block_cols;
-      const float scale = scales ? decode_scale(p.scale_kind, scales, g) : 1.0f;
+      const float scale = decode_scale(p.scale_kind, scales, g);
       const float zero = zeros ? decode_scale(p.scale_kind, zeros, g) : 0.0f;
       if (!is_finite(scale)) {
         throw_not_finite(part_index, "scale", scale, r / p.block_rows, c0 / p.block_cols);
@@ -49,37 +85,50 @@ void dequantize_kind(const DequantPart& p, const uint8_t* src, uint8_t* dst, int
       if (!is_finite(zero)) {
         throw_not_finite(part_index, "zero point", zero, r / p.block_rows, c0 / p.block_cols);
       }
-      const int64_t c1 = std::min(p.cols, c0 + p.block_cols);
-      int64_t out = r * p.dst_row_stride + c0 * p.dst_col_stride;
-      for (int64_t c = c0; c < c1; ++c, out += p.dst_col_stride) {
-        const float code = decode_code(Kind, codes, r * p.cols + c);
-        float v;
-        if (Kind == kCodeUint4) {
-          v = (code - zero) * scale;
-        } else if (scales != nullptr) {
-          v = code * scale;
-        } else {
-          v = code;
+      if constexpr (Kind == kCodeE2m1 || Kind == kCodeUint4) {
+        for (uint32_t q = 0; q < 16; ++q) {
+          lut[q] = Kind == kCodeUint4 ? (static_cast<float>(q) - zero) * scale
+                                      : e2m1_to_float(q) * scale;
         }
-        store(dst + p.dst_offset, out, v);
+        // cols and block_cols are even (checked with the plan; 4-bit groups hold an even number
+        // of columns), so a block is whole bytes: low nibble, then high.
+        const uint8_t* row = codes + r * p.cols / 2;
+        for (int64_t c = c0; c < c1; c += 2) {
+          const uint8_t b = row[c >> 1];
+          row_out[c * cs] = to_out<Out>(lut[b & 0xFu]);
+          row_out[(c + 1) * cs] = to_out<Out>(lut[b >> 4]);
+        }
+      } else if constexpr (Kind == kCodeFp8E4m3) {
+        const uint8_t* row = codes + r * p.cols;
+        for (int64_t c = c0; c < c1; ++c) row_out[c * cs] = to_out<Out>(fp8[row[c]] * scale);
+      } else {  // int8
+        const int8_t* row = reinterpret_cast<const int8_t*>(codes) + r * p.cols;
+        for (int64_t c = c0; c < c1; ++c) {
+          row_out[c * cs] = to_out<Out>(static_cast<float>(row[c]) * scale);
+        }
       }
     }
   }
 }
 
-template <typename Store>
-void dequantize_part(const DequantPart& p, const uint8_t* src, uint8_t* dst, int64_t part_index,
-                     Store store) {
+template <typename Out, bool UnitStride>
+void dequantize_strided(const DequantPart& p, const uint8_t* src, uint8_t* dst, int64_t index) {
   switch (p.code_kind) {
-    case kCodeF32: return dequantize_kind<kCodeF32>(p, src, dst, part_index, store);
-    case kCodeBF16: return dequantize_kind<kCodeBF16>(p, src, dst, part_index, store);
-    case kCodeF16: return dequantize_kind<kCodeF16>(p, src, dst, part_index, store);
-    case kCodeFp8E4m3: return dequantize_kind<kCodeFp8E4m3>(p, src, dst, part_index, store);
-    case kCodeE2m1: return dequantize_kind<kCodeE2m1>(p, src, dst, part_index, store);
-    case kCodeInt8: return dequantize_kind<kCodeInt8>(p, src, dst, part_index, store);
-    case kCodeUint4: return dequantize_kind<kCodeUint4>(p, src, dst, part_index, store);
+    case kCodeF32: return dequantize_kind<kCodeF32, Out, UnitStride>(p, src, dst, index);
+    case kCodeBF16: return dequantize_kind<kCodeBF16, Out, UnitStride>(p, src, dst, index);
+    case kCodeF16: return dequantize_kind<kCodeF16, Out, UnitStride>(p, src, dst, index);
+    case kCodeFp8E4m3: return dequantize_kind<kCodeFp8E4m3, Out, UnitStride>(p, src, dst, index);
+    case kCodeE2m1: return dequantize_kind<kCodeE2m1, Out, UnitStride>(p, src, dst, index);
+    case kCodeInt8: return dequantize_kind<kCodeInt8, Out, UnitStride>(p, src, dst, index);
+    case kCodeUint4: return dequantize_kind<kCodeUint4, Out, UnitStride>(p, src, dst, index);
     default: TORCH_INTERNAL_ASSERT(false, "unchecked code kind ", p.code_kind);
   }
+}
+
+template <typename Out>
+void dequantize_part(const DequantPart& p, const uint8_t* src, uint8_t* dst, int64_t index) {
+  if (p.dst_col_stride == 1) return dequantize_strided<Out, true>(p, src, dst, index);
+  dequantize_strided<Out, false>(p, src, dst, index);
 }
 
 }  // namespace
@@ -136,8 +185,9 @@ std::vector<DequantPart> parse_dequant_plan(const at::Tensor& plan, int64_t src_
                 "dtype), other codes none");
     const int64_t n = p.rows * p.cols;
     const int64_t code_bytes = (n * code_bits(p.code_kind) + 7) / 8;
-    TORCH_CHECK(code_bits(p.code_kind) != 4 || p.cols % 2 == 0, "dequantize: part ", i,
-                " packs 4-bit codes but has an odd number of columns (", p.cols, ")");
+    TORCH_CHECK(code_bits(p.code_kind) != 4 || (p.cols % 2 == 0 && p.block_cols % 2 == 0),
+                "dequantize: part ", i, " packs 4-bit codes but has an odd number of columns (",
+                p.cols, ") or of block columns (", p.block_cols, ")");
     const int64_t grid = ceil_div(p.rows, p.block_rows) * ceil_div(p.cols, p.block_cols);
     auto inside = [&](int64_t offset, int64_t nbytes) {
       return offset >= 0 && nbytes >= 0 && offset + nbytes <= src_bytes;
@@ -172,23 +222,9 @@ void dequantize_host(const std::vector<DequantPart>& parts, const uint8_t* src, 
   for (size_t i = 0; i < parts.size(); ++i) {
     const int64_t index = static_cast<int64_t>(i);
     switch (dst_dtype) {
-      case at::kFloat:
-        dequantize_part(parts[i], src, dst, index, [](uint8_t* base, int64_t at, float v) {
-          std::memcpy(base + 4 * at, &v, 4);
-        });
-        break;
-      case at::kBFloat16:
-        dequantize_part(parts[i], src, dst, index, [](uint8_t* base, int64_t at, float v) {
-          const uint16_t h = float_to_bf16_bits(v);
-          std::memcpy(base + 2 * at, &h, 2);
-        });
-        break;
-      case at::kHalf:
-        dequantize_part(parts[i], src, dst, index, [](uint8_t* base, int64_t at, float v) {
-          const c10::Half h(v);  // round to nearest even, as torch's .to(float16)
-          std::memcpy(base + 2 * at, &h, 2);
-        });
-        break;
+      case at::kFloat: dequantize_part<float>(parts[i], src, dst, index); break;
+      case at::kBFloat16: dequantize_part<uint16_t>(parts[i], src, dst, index); break;
+      case at::kHalf: dequantize_part<c10::Half>(parts[i], src, dst, index); break;
       default: TORCH_INTERNAL_ASSERT(false, "unsupported dequantize target");
     }
   }
