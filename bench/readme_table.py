@@ -145,6 +145,64 @@ def run_table() -> list[str]:
     return lines
 
 
+def quantize_tables() -> list[list[str]]:
+    """`remoe run --quantize` runs (bench/results/quantize-cpu-*.json), one table each, every
+    row against the bf16 row of the same run."""
+    tables = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "quantize-cpu-*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        path = os.path.relpath(path, ROOT)
+        rows = data["rows"]
+        base = next((r for r in rows if r.get("quantize") == "bf16"), rows[0])
+        lines = [f"**Compressed experts, CPU** ([`{path}`]({path}), {data['date']}, "
+                 f"`{data['command']}`): the built-in model, experts read from disk (O_DIRECT: "
+                 f"{data['o_direct']}) under {data['memory_budget'] / 2**20:.2f} MiB of "
+                 f"{data['expert_bytes'] / 2**20:.0f} MiB of experts (slots hold float32, the "
+                 f"compute dtype), {data['eval_tokens']} held-out tokens decoded one at a time, "
+                 "every configuration in the same interleaved run; ratios against the bf16 row "
+                 f"({base['name']}).", "",
+                 "| experts stored as | bytes / expert | KB read / token | read vs bf16 | hit rate "
+                 "| TPOT ms | TPOT vs bf16 | floor ms | ppl | ppl vs bf16 | EOR |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            stored = r.get("quantize") or "float32 (checkpoint)"
+            read = r["bytes_read_per_token"]
+            ratio = base["bytes_read_per_token"] / read if read else float("inf")
+            versus = f"{ratio:.2f}x less" if ratio >= 1 else f"{1 / ratio:.2f}x more"
+            lines.append(
+                f"| {stored} | {r['blob_bytes']} | {read / 1024:.0f} | {versus} | "
+                f"{r['hit_rate']:.3f} | "
+                f"{r['tpot_ms']:.1f} | {base['tpot_ms'] / r['tpot_ms']:.2f}x | "
+                f"{r['floor_ms']:.1f} | {r['perplexity']:.2f} | "
+                f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}% | {r['eor']:.3f} |")
+        tables.append(lines)
+    return tables
+
+
+def dequant_table() -> list[str]:
+    found = _latest("quant-cpu-*.json")
+    if not found:
+        return []
+    path, data = found
+    load = "/".join(f"{x:.1f}" for x in data["load_average"])
+    lines = [f"**Dequantize on load, CPU** ([`{path}`]({path}), {data['date']}, "
+             f"`{data['command']}`): one expert of Qwen3-30B-A3B's shape "
+             f"(H={data['expert']['H']}, I={data['expert']['I']}) dequantized by the reader "
+             f"thread's function into a slot, median of {data['rounds']} interleaved rounds, next "
+             f"to reading its compressed blob at {data['storage_gbps']:.2f} GB/s (O_DIRECT, "
+             f"measured); machine load average {load} (shared), so the CPU time is given too. "
+             "read / dequant below 1: one reader thread dequantizes slower than it reads.", "",
+             "| stored as | slot dtype | blob bytes | dequant ms (wall) | dequant ms (CPU) "
+             "| read ms | read / dequant (CPU) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['scheme']} | {r['slot_dtype']} | {r['blob_bytes']} | "
+                     f"{r['ms_per_expert']:.1f} | {r['cpu_ms_per_expert']:.1f} | "
+                     f"{r['read_ms']:.2f} | {r['read_over_dequant_cpu']:.2f} |")
+    return lines
+
+
 def families_table() -> list[str]:
     found = _latest("families-*.json")
     if not found:
@@ -322,8 +380,8 @@ def scale_table(found: tuple[str, dict] | None = None) -> list[str]:
 
 
 def render() -> str:
-    blocks = [table for table in (run_table(), serve_table(), experts_table(), families_table(),
-                                  routing_table(),
+    blocks = [table for table in (run_table(), *quantize_tables(), dequant_table(), serve_table(),
+                                  experts_table(), families_table(), routing_table(),
                                   pool_table(), e2e_table(), prefetch_table(), scale_table(),
                                   gpu_table())
               if table]

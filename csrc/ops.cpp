@@ -91,4 +91,10 @@ TORCH_LIBRARY(remoe, m) {
         &remoe::pinned_host_empty);
   // Bytes currently page-locked by pinned_host_empty (page-rounded per tensor).
   m.def("pinned_host_bytes() -> int", &remoe::pinned_host_bytes);
+  // Dequantize one compressed expert blob (csrc/quant/dequant.h): blob uint8 [n] on the CPU or a
+  // GPU, plan int64 [N, 12] on the CPU (remoe_engine/quant.py, QuantLayout.plan) -> uint8
+  // [out_bytes] on the blob's device, zero where no part writes, each part's elements in `dtype`
+  // (float32 | bfloat16 | float16). The reader threads and the CUDA copy engine run the same
+  // arithmetic on every load of a compressed store; a non-finite scale is an error.
+  m.def("dequantize(Tensor blob, Tensor plan, ScalarType dtype, int out_bytes) -> Tensor");
 }

@@ -53,6 +53,9 @@ class RunSettings:
     eval_text: str | None = None  # a text file; default: the model's shipped held-out slice
     progress: bool = True
     prefetch: bool = False  # decode prefetches the next MoE layer's guessed experts
+    # Compressed expert schemes (remoe_engine.quant.parse_scheme), one more row each: the
+    # original router, no bias, experts packed with `remoe pack --quantize SCHEME`.
+    quantize: tuple[str, ...] = ()
 
 
 @dataclass
@@ -61,6 +64,8 @@ class RowResult:
     router: str  # "original" or "remoe" (the shipped router delta applied)
     reuse_bias: float
     bias_source: str | None
+    quantize: str | None = None  # the compressed scheme its experts were packed with
+    blob_bytes: int = 0  # bytes one expert takes on disk (and per miss)
     tokens_per_s: float = 0.0
     tpot_ms: float = 0.0
     tpot_p90_ms: float = 0.0
@@ -100,15 +105,17 @@ def pool_budget(store: ExpertStore, settings: RunSettings, top_k: int) -> int | 
     return settings.memory_budget
 
 
-def configurations(settings: RunSettings) -> list[tuple[str, str | None, float]]:
-    """(name, router delta file or None, reuse bias) of each row, in table order."""
-    configs = [("original", None, 0.0)]
+def configurations(settings: RunSettings) -> list[tuple[str, str | None, float, str | None]]:
+    """(name, router delta file or None, reuse bias, compressed scheme or None) of each row, in
+    table order."""
+    configs = [("original", None, 0.0, None)]
     if settings.router_delta is not None:
-        configs.append(("remoe", settings.router_delta, 0.0))
+        configs.append(("remoe", settings.router_delta, 0.0, None))
     if settings.reuse_bias > 0:
-        configs.append(("original+bias", None, settings.reuse_bias))
+        configs.append(("original+bias", None, settings.reuse_bias, None))
         if settings.router_delta is not None:
-            configs.append(("remoe+bias", settings.router_delta, settings.reuse_bias))
+            configs.append(("remoe+bias", settings.router_delta, settings.reuse_bias, None))
+    configs += [(f"original@{scheme}", None, 0.0, scheme) for scheme in settings.quantize]
     return configs
 
 
@@ -129,8 +136,13 @@ def run(settings: RunSettings, log=print) -> dict:
     budget = pool_budget(store, settings, top_k)
     with tempfile.TemporaryDirectory(prefix="remoe-run-") as tmp:
         log("packing the experts into one file (one read per miss)...")
-        packed = str(store.pack(os.path.join(tmp, "experts.remoe"), progress=settings.progress))
-        bandwidth, direct = measure_read_bandwidth(packed)
+        packed = {None: str(store.pack(os.path.join(tmp, "experts.remoe"),
+                                       progress=settings.progress))}
+        for i, scheme in enumerate(settings.quantize):
+            log(f"packing the experts as {scheme}...")
+            packed[scheme] = str(store.pack(os.path.join(tmp, f"experts-{i}.remoe"),
+                                            progress=settings.progress, quantize=scheme))
+        bandwidth, direct = measure_read_bandwidth(packed[None])
         log(f"read bandwidth {bandwidth / 1e9:.2f} GB/s ({'O_DIRECT' if direct else 'buffered'}); "
             "loading the configurations...")
         full, models = _load_all(settings, packed, direct, budget)
@@ -143,8 +155,9 @@ def run(settings: RunSettings, log=print) -> dict:
             label=f"decoding {tokens.shape[1] - 1} tokens x {len(models) + 1} models")
         floor_steps = results[0].steps
         t_compute = statistics.median(floor_steps)
-        rows = [_row(name, delta, bias, settings, result, model, text, t_compute, bandwidth)
-                for (name, delta, bias), result, model, text in zip(
+        rows = [_row(name, delta, bias, scheme, settings, result, model, text, t_compute,
+                     bandwidth)
+                for (name, delta, bias, scheme), result, model, text in zip(
                     configurations(settings), results[1:], models, texts, strict=True)]
         del full, models
 
@@ -163,7 +176,7 @@ def run(settings: RunSettings, log=print) -> dict:
         rows=[asdict(r) for r in rows])
 
 
-def _load_all(settings: RunSettings, packed: str, direct: bool, budget: int | None):
+def _load_all(settings: RunSettings, packed: dict, direct: bool, budget: int | None):
     """The all-resident copy (the compute floor) and one model per configuration."""
     from tqdm.auto import tqdm
 
@@ -174,9 +187,10 @@ def _load_all(settings: RunSettings, packed: str, direct: bool, budget: int | No
     pool_size = (dict(memory_budget=budget) if budget is not None
                  else dict(slots_per_layer=settings.slots_per_layer))
     models = []
-    for _, delta, bias in tqdm(configurations(settings), desc="loading", leave=False,
-                                  disable=not settings.progress):
-        model = remoe_engine.load(settings.model, store="disk", packed=packed, o_direct=direct,
+    for _, delta, bias, scheme in tqdm(configurations(settings), desc="loading", leave=False,
+                                       disable=not settings.progress):
+        model = remoe_engine.load(settings.model, store="disk", packed=packed[scheme],
+                                  o_direct=direct,
                                   device=settings.device, dtype=COMPUTE_DTYPE,
                                   policy=settings.policy, prefetch=settings.prefetch,
                                   reuse_bias=bias, bias_source=settings.bias_source, **pool_size)
@@ -225,7 +239,7 @@ def _tokens_to_decode(settings: RunSettings, tokenizer, original) -> torch.Tenso
     return out[:, : settings.eval_tokens].cpu()
 
 
-def _row(name: str, delta: str | None, bias: float, settings: RunSettings,
+def _row(name: str, delta: str | None, bias: float, scheme: str | None, settings: RunSettings,
          result: evaluation.DecodeResult, model, text: str, t_compute: float,
          bandwidth: float) -> RowResult:
     steps, counts = result.steps, result.counts
@@ -235,7 +249,8 @@ def _row(name: str, delta: str | None, bias: float, settings: RunSettings,
     bytes_per_token = counts["bytes_read"] / decoded
     return RowResult(
         name=name, router="remoe" if delta else "original", reuse_bias=bias,
-        bias_source=settings.bias_source if bias else None, text=text,
+        bias_source=settings.bias_source if bias else None, text=text, quantize=scheme,
+        blob_bytes=model.remoe.pool.store.blob_bytes,
         tokens_per_s=1.0 / tpot, tpot_ms=tpot * 1e3,
         tpot_p90_ms=sorted(steps)[int(0.9 * (decoded - 1))] * 1e3,
         floor_ms=max(t_compute, bytes_per_token / bandwidth) * 1e3,
@@ -251,6 +266,8 @@ original     the checkpoint's own router
 remoe        the router delta shipped with the model (router-delta.safetensors: ReMoE
              fine-tuning, only router weights changed)
 +bias        the cache-aware reuse bias (column "bias") toward {source} experts
+@SCHEME      experts packed compressed (remoe pack --quantize SCHEME), dequantized into the
+             slots (compute dtype) as each one loads
 floor        max(TPOT with every expert resident, KB read per token / read bandwidth),
              measured in the same interleaved run
 hit rate     expert lookups served from the pool without a read
@@ -261,7 +278,8 @@ top-k agr    the fraction of chosen experts the original router, without a bias,
 
 def format_table(report: dict) -> str:
     """The report as a plain-text table, one line per configuration, and its legend."""
-    head = (f"{'config':<14}{'bias':>6}{'tok/s':>8}{'TPOT ms':>9}{'floor ms':>9}"
+    width = max([14] + [len(r["name"]) + 1 for r in report["rows"]])
+    head = (f"{'config':<{width}}{'bias':>6}{'tok/s':>8}{'TPOT ms':>9}{'floor ms':>9}"
             f"{'hit rate':>9}{'KB read/tok':>12}{'ppl':>8}{'EOR':>7}{'top-k agr':>10}")
     lines = [head, "-" * len(head)]
     source = "the pool's (resident)"
@@ -271,7 +289,7 @@ def format_table(report: dict) -> str:
         agr = f"{r['topk_agreement']:.3f}" if r["topk_agreement"] is not None else "-"
         if r["bias_source"] == "previous":
             source = "the previous token's"
-        lines.append(f"{r['name']:<14}{r['reuse_bias']:>6g}{r['tokens_per_s']:>8.1f}"
+        lines.append(f"{r['name']:<{width}}{r['reuse_bias']:>6g}{r['tokens_per_s']:>8.1f}"
                      f"{r['tpot_ms']:>9.2f}{r['floor_ms']:>9.2f}{r['hit_rate']:>9.3f}"
                      f"{r['bytes_read_per_token'] / 1024:>12.1f}{ppl:>8}{eor:>7}{agr:>10}")
     return "\n".join(lines) + "\n\n" + LEGEND.format(source=source)

@@ -703,6 +703,8 @@ class DiskLayout:
     key_patterns: tuple[str, ...] = ()
     # Other ways the same parameters may be stored, tried in order when this one matches no key.
     alternatives: tuple[DiskLayout, ...] = ()
+    # The experts module keeps its matrices [in, out] (`is_transposed`, GPT-OSS), not [out, in].
+    transposed: bool = False
 
 
 def disk_layout_of(model_type: str, config: dict | None = None) -> DiskLayout:
@@ -747,7 +749,7 @@ def learned_layout(model_type: str, config: dict | None = None) -> DiskLayout:
     """
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    experts_path, params, names = _experts_params(model_type, config)
+    experts_path, params, names, transposed = _experts_params(model_type, config)
     # The rules are registered under the model type, its folder's, or a model class's name
     # ("Dots3NoteTextModel").
     own = next((r for key in (model_type, *names)
@@ -770,7 +772,8 @@ def learned_layout(model_type: str, config: dict | None = None) -> DiskLayout:
     if refusal is not None:
         raise refusal
     first = layouts[0]
-    return dataclasses.replace(first, alternatives=tuple(layouts[1:]), key_patterns=tuple(
+    return dataclasses.replace(first, alternatives=tuple(layouts[1:]), transposed=transposed,
+                               key_patterns=tuple(
         dict.fromkeys(p for layout in layouts for p in layout.key_patterns)))
 
 
@@ -844,11 +847,11 @@ def _expert_glob(source: str) -> str:
 
 
 def _experts_params(model_type: str, config: dict | None
-                    ) -> tuple[str, list[str], list[str]]:
+                    ) -> tuple[str, list[str], list[str], bool]:
     """(the experts module's path below its layer, e.g. "mlp.experts"; its parameter names in
-    registration order, the slot order; the names conversion rules may be registered under) of
-    a model type, from a model built on the meta device (the type's default config, else
-    `config`)."""
+    registration order, the slot order; the names conversion rules may be registered under;
+    whether it keeps its matrices [in, out]) of a model type, from a model built on the meta
+    device (the type's default config, else `config`)."""
     import torch
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -886,7 +889,8 @@ def _experts_params(model_type: str, config: dict | None
             match = re.search(r"(?:^|\.)layers\.\d+\.(.+)$", name)
             if match is None:
                 continue
-            return match.group(1), [n for n, _ in module.named_parameters(recurse=False)], names
+            return (match.group(1), [n for n, _ in module.named_parameters(recurse=False)], names,
+                    bool(getattr(module, "is_transposed", False)))
     raise NotImplementedError(f"{model_type}: no fused experts module under a decoder layer")
 
 

@@ -409,12 +409,39 @@ def _experts_never_loaded(model_class: type, model_type: str):
             setattr(module, name, _parameterless(cls))
         # The expert keys are on disk but have no parameter: expected, not worth a warning.
         model_class._keys_to_ignore_on_load_unexpected = [
-            *(ignored or []), *expert_key_patterns(model_type)]
+            *(ignored or []), *expert_key_patterns(model_type),
+            *_compressed_key_patterns(expert_key_patterns(model_type))]
         yield
     finally:
         for name, cls in saved.items():
             setattr(module, name, cls)
         model_class._keys_to_ignore_on_load_unexpected = ignored
+
+
+def _compressed_key_patterns(patterns: tuple[str, ...]) -> list[str]:
+    """The keys beside compressed experts (FP8 `weight_scale_inv`, MXFP4 `_blocks`/`_scales`)
+    that the expert key patterns (anchored at the weight's own name) leave out."""
+    return [p.removesuffix("$") + suffix for p in patterns if p.endswith("$")
+            for suffix in ("_scale_inv$", "_blocks$", "_scales$")]
+
+
+def _dequantizing(config, kwargs: dict) -> dict:
+    """from_pretrained's kwargs for a checkpoint whose config names FP8 or MXFP4 quantization:
+    transformers dequantizes the layers it loads (the experts come from the store, dequantized on
+    each load), instead of swapping in its own FP8 / MXFP4 experts classes on a GPU."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None or "quantization_config" in kwargs:
+        return kwargs
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(
+        quant, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method not in ("fp8", "mxfp4"):
+        return kwargs
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    settings = quant if isinstance(quant, dict) else quant.to_dict()
+    cls = FineGrainedFP8Config if method == "fp8" else Mxfp4Config
+    return {**kwargs, "quantization_config": cls.from_dict({**settings, "dequantize": True})}
 
 
 def _check_store_matches(expert_store, blocks: list[MoEBlock], model_type: str) -> None:
@@ -610,7 +637,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
     model_class = _model_class(config)
     with _experts_never_loaded(model_class, family_of(config).model_type):
         model = model_class.from_pretrained(path, dtype=dtype or "auto",
-                                            **from_pretrained_kwargs)
+                                            **_dequantizing(config, from_pretrained_kwargs))
     model.to(device).eval()
     if device.type == "cpu":
         # The model must not depend on the checkpoint's bytes after loading (SIGBUS otherwise).

@@ -51,8 +51,9 @@ try:
 except ImportError as _error:
     raise _extension_import_error(_error) from _error
 
-__all__ = ["ExpertsGate", "crc32c", "crc32c_impl", "cuda_kernels_built", "moe_experts",
-           "pinned_host_bytes", "pinned_host_empty", "route_topk", "route_topk_previous",
+__all__ = ["ExpertsGate", "crc32c", "crc32c_impl", "cuda_kernels_built", "dequantize",
+           "moe_experts", "pinned_host_bytes", "pinned_host_empty", "route_topk",
+           "route_topk_previous",
            "topk_overlap"]
 
 _route_topk = torch.ops.remoe.route_topk.default
@@ -330,3 +331,24 @@ def pinned_host_empty(rows: int, cols: int) -> torch.Tensor:
 def pinned_host_bytes() -> int:
     """Host bytes page-locked by `pinned_host_empty` right now (page-rounded per tensor)."""
     return torch.ops.remoe.pinned_host_bytes()
+
+
+def dequantize(blob: torch.Tensor, plan: torch.Tensor, dtype: torch.dtype,
+               out_bytes: int) -> torch.Tensor:
+    """Dequantize one compressed expert blob into slot bytes (csrc/quant/dequant.h).
+
+    Args:
+        blob: uint8 [n], CPU or CUDA: codes and scales as `plan` places them.
+        plan: int64 [N, 12] on the CPU (remoe_engine.quant.QuantLayout.plan).
+        dtype: the slot dtype: float32, bfloat16 or float16.
+        out_bytes: bytes of the slot.
+
+    Returns:
+        uint8 [out_bytes] on blob's device, zero where no part writes.
+    """
+    return torch.ops.remoe.dequantize(blob, plan, dtype, out_bytes)
+
+
+@torch.library.register_fake("remoe::dequantize")
+def _dequantize_fake(blob, plan, dtype, out_bytes):
+    return blob.new_empty((out_bytes,), dtype=torch.uint8)

@@ -51,8 +51,10 @@ sequence of acquire calls; any change here must change it too.
 
 Counters (per layer, and summed): hits, misses, evictions (charged to the layer whose expert was
 evicted), prefetches, prefetch_hits, bytes_read (from files, as the storage served them: with
-O_DIRECT, a safetensors expert's 4 KiB-aligned superset), bytes_copied (host memory into slots:
-staging -> GPU, or host tier), stall_s (host time blocked in acquire/wait waiting for loads;
+O_DIRECT, a safetensors expert's 4 KiB-aligned superset; a compressed store's compressed bytes),
+bytes_copied (host memory into slots: staging -> GPU, or host tier; for a compressed store the
+compressed bytes a GPU pool copies before its kernel dequantizes them, the dequantized bytes a
+CPU pool writes), stall_s (host time blocked in acquire/wait waiting for loads;
 GPU-side waits on copy events are not host time and are not included), load_failures.
 """
 
@@ -134,7 +136,9 @@ class SlotPool:
             their 4 KiB-aligned superset into a per-reader bounce buffer; adjacent tensors of one
             expert become one read. Buffered reads have readahead off (POSIX_FADV_RANDOM).
         dtype: the slots' dtype, the dtype the experts compute in (default: the store's). When
-            it differs from the store's, each load converts once, in the reader thread.
+            it differs from the store's, each load converts once, in the reader thread. A
+            compressed store's blobs (`store.compressed`) are dequantized into it on every load,
+            in the reader thread: storage and host memory hold the compressed bytes.
         verify_checksums: check every blob of a packed store against its CRC32C in the reader
             thread before it reaches a slot. Only benchmarks turn it off, to measure its cost.
     """
@@ -167,7 +171,7 @@ class SlotPool:
                              "store.host_copy(pin_memory=True), which lock exactly the blobs' "
                              "bytes")
         dtype = dtype or store.layout.dtype
-        if dtype != store.layout.dtype and store.tier == "host":
+        if dtype != store.layout.dtype and store.tier == "host" and store.compressed is None:
             raise ValueError(f"SlotPool: the host tier holds {store.layout.dtype} blobs; convert "
                              f"the store (remoe_engine.offload) instead of asking for {dtype}")
         # The slots' layout: the store's, or the same tensors in the compute dtype.
@@ -196,10 +200,14 @@ class SlotPool:
                               f"({num_slots * slot_bytes / 2**30:.2f} GiB) on {device}: lower "
                               "memory_budget or slots_per_layer") from None
         self._pool.set_layer_ids(list(store.layers))
+        if store.compressed is not None:
+            # Compressed experts: every load (file or host row) is dequantized into its slot.
+            self._pool.set_dequant(store.compressed.plan(self.layout), store.blob_bytes,
+                                   _dtype_name(dtype))
         if store.tier == "host":
             self._pool.set_host_sources(store.host_blobs)
         else:
-            if self.layout is not store.layout:
+            if self.layout is not store.layout and store.compressed is None:
                 self._pool.set_conversion(_dtype_name(store.layout.dtype), _dtype_name(dtype),
                                           _conversion_plan(store.layout, self.layout),
                                           store.layout.slot_bytes)

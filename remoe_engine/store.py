@@ -23,7 +23,7 @@ parameters for that expert, in its in-memory orientation, each at a 256-byte-ali
 The bytes of each tensor equal transformers' `experts.<name>[e]` exactly, so the expert
 computation views a slot as tensors without a copy (`SlotLayout.views`).
 
-Packed file format, version 2 (all integers little-endian):
+Packed file format, version 2 (version 3 below; all integers little-endian):
 
     [0, 8)            magic b"REMOEPAK"
     [8, 12)           u32 format version (2)
@@ -43,12 +43,26 @@ The checksum of blob (layer, e) is keyed by the blob's identity: CRC32C (Castagn
 slot_bytes bytes (`blob_checksum`; `blob_seed` is the CRC32C of the 16 key bytes alone, which the
 blob's bytes continue). A header that relabels blobs, or blobs moved within the file, fail it.
 
+Version 3 is version 2 with compressed blobs (`remoe pack --quantize`, or an FP8 / MXFP4
+checkpoint packed as it is): the header adds `compressed` (remoe_engine.quant.QuantLayout: scheme,
+blob_bytes, parts) and `transposed`; each blob is `compressed.blob_bytes` long (a multiple of
+4096, padding zero) and holds codes and scales, which the pool dequantizes into the slot layout
+the other fields describe (in the compute dtype) as it loads; checksums cover the compressed
+bytes. Version 2 is still written for uncompressed experts, so older readers refuse only what
+they cannot read ("upgrade remoe-engine").
+
+Compressed checkpoints (`from_checkpoint`): transformers' finegrained FP8 (float8_e4m3fn weights,
+`weight_scale_inv` in fp32 or UE8M0 over `quantization_config.weight_block_size` blocks) and
+MXFP4 (`*_blocks` / `*_scales`, GPT-OSS) are read as compressed stores: each expert's codes and
+scales are byte ranges of the files, landing in the compressed blob layout.
+
 Version 1 (a 16-byte prefix without the header checksum; unkeyed zlib CRC-32 per blob, field
 `crc32`) was written by earlier remoe-engines and is refused: re-run `remoe pack`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import itertools
@@ -69,6 +83,7 @@ import torch
 from torch import nn
 
 from remoe_engine import families
+from remoe_engine.quant import QuantLayout
 
 __all__ = [
     "ALIGN", "ExpertStore", "PACK_MAGIC", "PACK_VERSION", "Segment", "SlotLayout", "SlotTensor",
@@ -79,6 +94,7 @@ ALIGN = 4096  # blob and slot alignment: the O_DIRECT block size (csrc/transfer/
 TENSOR_ALIGN = 256  # tensor offsets inside a slot: enough for any vectorized load
 PACK_MAGIC = b"REMOEPAK"
 PACK_VERSION = 2
+PACK_VERSION_COMPRESSED = 3  # a packed file of compressed experts (the "compressed" field)
 _PREFIX = struct.Struct("<8sIII")  # magic, version, JSON length, CRC32C of the JSON
 _MAGIC_VERSION = struct.Struct("<8sI")  # what every version starts with
 _BLOB_KEY = struct.Struct("<qq")  # transformers layer index, expert id: what a blob checksum keys
@@ -512,10 +528,18 @@ class ExpertStore:
                  model_type: str, source: str,
                  segments: dict[tuple[int, int], list[Segment]] | None = None,
                  host_blobs: torch.Tensor | None = None, crc32c: Sequence[int] | None = None,
-                 file_identities: dict[str, tuple[int, ...]] | None = None):
+                 file_identities: dict[str, tuple[int, ...]] | None = None,
+                 compressed: QuantLayout | None = None, transposed: bool = False):
         if (segments is None) == (host_blobs is None):
             raise ValueError("ExpertStore needs exactly one of segments (disk) or host_blobs")
         self.layout = layout
+        # Compressed experts: each blob is `compressed`'s codes and scales, dequantized into
+        # `layout` (in the pool's compute dtype) as it loads. None: blobs are in `layout`.
+        self.compressed = compressed
+        if compressed is not None:
+            compressed.check_covers(layout)
+        # The 2-D expert tensors are stored [in, out] (GPT-OSS): what quantizing groups along.
+        self.transposed = bool(transposed)
         self.layers = tuple(int(layer) for layer in layers)
         self.num_experts = int(num_experts)
         self.model_type = model_type
@@ -551,9 +575,16 @@ class ExpertStore:
                                  "modification time): open the store again")
 
     def __repr__(self) -> str:
+        what = (f"{self.compressed.scheme} blobs of {self.blob_bytes} bytes"
+                if self.compressed is not None else f"{self.layout.slot_bytes} bytes per slot")
         return (f"ExpertStore({self.model_type}, {self.tier} tier from {self.source!r}: "
-                f"{len(self.layers)} layers x {self.num_experts} experts, "
-                f"{self.layout.slot_bytes} bytes per slot)")
+                f"{len(self.layers)} layers x {self.num_experts} experts, {what})")
+
+    @property
+    def blob_bytes(self) -> int:
+        """Bytes one expert takes in this store (and per miss): the compressed blob, or a slot."""
+        return self.compressed.blob_bytes if self.compressed is not None else (
+            self.layout.slot_bytes)
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
@@ -599,15 +630,16 @@ class ExpertStore:
         return files, torch.tensor(rows, dtype=torch.int64).view(-1, 6), labels
 
     def read_expert(self, layer: int, expert: int) -> torch.Tensor:
-        """One expert's slot bytes, read in Python (for packing and checks, not the hot path).
+        """One expert's blob, read in Python (for packing and checks, not the hot path).
 
         Returns:
-            uint8 [slot_bytes]; padding is zero (a view of `host_blobs` for the host tier).
+            uint8 [blob_bytes] (slot bytes, or the compressed blob); padding is zero (a view of
+            `host_blobs` for the host tier).
         """
         self._check(layer, expert)
         if self.tier == "host":
             return self.host_blobs[self._layer_pos[layer] * self.num_experts + expert]
-        buf = bytearray(self.layout.slot_bytes)
+        buf = bytearray(self.blob_bytes)
         view = memoryview(buf)
         for s in self._segments[(layer, expert)]:
             fd = self._fds.get(s.file)
@@ -627,9 +659,16 @@ class ExpertStore:
                                  f"{s.offset}..{s.offset + s.nbytes}, got {got} of {s.nbytes}")
         return torch.frombuffer(buf, dtype=torch.uint8)
 
-    def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """One expert's tensors (name -> [*shape]), as transformers holds `experts.<name>[e]`."""
-        return self.layout.views(self.read_expert(layer, expert))
+    def expert_tensors(self, layer: int, expert: int, dtype: torch.dtype | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """One expert's tensors (name -> [*shape]), as transformers holds `experts.<name>[e]`
+        (compressed experts dequantized, in `dtype`, default the layout's)."""
+        blob = self.read_checked(layer, expert)
+        if self.compressed is not None:
+            slot = self.layout.in_dtype(dtype or self.layout.dtype)
+            return self.compressed.dequantize(blob, slot)
+        tensors = self.layout.views(blob)
+        return tensors if dtype is None else {k: v.to(dtype) for k, v in tensors.items()}
 
     def _check(self, layer: int, expert: int) -> None:
         self.layer_position(layer)
@@ -672,12 +711,16 @@ class ExpertStore:
                    else _checkpoint_tensors(directory, full_config))
         # Layers past num_hidden_layers are not part of the model transformers builds (DeepSeek-V3
         # keeps its multi-token-prediction layer 61 on disk): never index them.
-        layout, layers, num_experts, segments = _index_any(
-            tensors, layout_spec, config.get("num_hidden_layers"))
+        quant_config = full_config.get("quantization_config") or config.get(
+            "quantization_config")
+        layout, layers, num_experts, segments, compressed = _index_any(
+            tensors, layout_spec, config.get("num_hidden_layers"),
+            quant_config if isinstance(quant_config, dict) else None)
         used = {s.file for segs in segments.values() for s in segs}
         identities = {t.file: t.identity for t in tensors.values() if t.file in used}
         return cls(layout=layout, layers=layers, num_experts=num_experts, model_type=model_type,
-                   source=str(directory), segments=segments, file_identities=identities)
+                   source=str(directory), segments=segments, file_identities=identities,
+                   compressed=compressed, transposed=layout_spec.transposed)
 
     @classmethod
     def from_packed(cls, path: str | os.PathLike) -> ExpertStore:
@@ -701,8 +744,10 @@ class ExpertStore:
             if magic != PACK_MAGIC[: len(magic)]:
                 raise StoreError(f"'{path}' is not a remoe packed expert file (it starts with "
                                  f"{magic!r}, expected {PACK_MAGIC!r})")
+            version = None
             if len(prefix) >= _MAGIC_VERSION.size:  # every version has one; check it first
-                _check_version(path, _MAGIC_VERSION.unpack_from(prefix)[1])
+                version = _MAGIC_VERSION.unpack_from(prefix)[1]
+                _check_version(path, version)
             if len(prefix) < _PREFIX.size:
                 raise StoreError(f"'{path}' is truncated: {size} bytes, less than the "
                                  f"{_PREFIX.size}-byte prefix of a packed file")
@@ -721,6 +766,15 @@ class ExpertStore:
             if not isinstance(header, dict):
                 raise ValueError("not a JSON object")
             layout = SlotLayout.from_json(header)
+            compressed = None
+            if version == PACK_VERSION_COMPRESSED:
+                compressed = QuantLayout.from_json(header["compressed"])
+                compressed.check_covers(layout)
+            elif "compressed" in header:
+                raise ValueError(f"a version {version} header with a 'compressed' field")
+            transposed = header.get("transposed", False)
+            if not isinstance(transposed, bool):
+                raise ValueError(f"transposed {_short(transposed)} is not a boolean")
             layers, num_experts = header["layers"], header["num_experts"]
             if not (isinstance(layers, list) and layers and all(map(_is_count, layers))
                     and all(a < b for a, b in itertools.pairwise(layers))):
@@ -749,9 +803,10 @@ class ExpertStore:
             raise StoreError(f"'{path}' has a corrupt header: no {error} field") from None
         except (UnicodeDecodeError, ValueError, TypeError) as error:
             raise StoreError(f"'{path}' has a corrupt header: {error}") from None
-        expected = data_offset + len(layers) * num_experts * layout.slot_bytes
+        blob_bytes = compressed.blob_bytes if compressed is not None else layout.slot_bytes
+        expected = data_offset + len(layers) * num_experts * blob_bytes
         if size < expected:
-            first = max(0, size - data_offset) // layout.slot_bytes
+            first = max(0, size - data_offset) // blob_bytes
             raise StoreError(
                 f"'{path}' is truncated: {size} bytes, its header describes {expected}; expert "
                 f"blob (layer {layers[first // num_experts]}, expert {first % num_experts}) and "
@@ -762,12 +817,13 @@ class ExpertStore:
         segments = {}
         for i, layer in enumerate(layers):
             for e in range(num_experts):
-                offset = data_offset + (i * num_experts + e) * layout.slot_bytes
-                segments[(layer, e)] = [Segment(path, offset, layout.slot_bytes, 0,
+                offset = data_offset + (i * num_experts + e) * blob_bytes
+                segments[(layer, e)] = [Segment(path, offset, blob_bytes, 0,
                                                 f"expert blob (layer {layer}, expert {e})")]
         return cls(layout=layout, layers=layers, num_experts=num_experts,
                    model_type=str(header.get("model_type", "?")), source=path, segments=segments,
-                   crc32c=[int(c, 16) for c in crcs], file_identities={path: identity})
+                   crc32c=[int(c, 16) for c in crcs], file_identities={path: identity},
+                   compressed=compressed, transposed=transposed)
 
     @classmethod
     def from_model(cls, model: nn.Module, *, pin_memory: bool | None = None, take: bool = False
@@ -823,11 +879,13 @@ class ExpertStore:
                         setattr(block.experts, name, nn.Parameter(
                             torch.empty_like(param, device="meta"), requires_grad=False))
         return cls(layout=layout, layers=[b.layer_idx for b in blocks], num_experts=num_experts,
-                   model_type=family.model_type, source="model", host_blobs=blobs)
+                   model_type=family.model_type, source="model", host_blobs=blobs,
+                   transposed=bool(getattr(first, "is_transposed", False)))
 
     # --- packed files ----------------------------------------------------------------------------
 
-    def pack(self, out: str | os.PathLike, *, progress: bool = True) -> Path:
+    def pack(self, out: str | os.PathLike, *, progress: bool = True,
+             quantize: str | None = None) -> Path:
         """Write this store as a packed expert file (format in the module docstring).
 
         Written to a temporary file `.OUT.tmp-PID` next to `out`, flushed to disk, then renamed
@@ -838,6 +896,10 @@ class ExpertStore:
         Args:
             out: destination path.
             progress: show a progress bar (tqdm, on stderr).
+            quantize: write compressed experts: "int8", "int8:gN", "int4[:gN]" or
+                "int4:gN+hqq" (remoe_engine.quant.parse_scheme); the file is format version 3.
+                A compressed store (FP8, MXFP4) is written as it is unless this is given, when
+                it is dequantized and quantized again.
 
         Returns:
             The path written.
@@ -864,16 +926,21 @@ class ExpertStore:
                   "running)", file=sys.stderr)
         count = len(self.layers) * self.num_experts
         crcs = ["00000000"] * count
+        blob_of, compressed = self._packer(quantize)
+        version = PACK_VERSION if compressed is None else PACK_VERSION_COMPRESSED
         header = {
-            "format": "remoe-packed-experts", "version": PACK_VERSION,
+            "format": "remoe-packed-experts", "version": version,
             "model_type": self.model_type, "layers": list(self.layers),
             "num_experts": self.num_experts, **self.layout.to_json(),
             "data_offset": 0, "source": self.source, "crc32c": crcs,
         }
+        if compressed is not None:
+            header["compressed"] = compressed.to_json()
+            header["transposed"] = self.transposed
         # Fixed-width fields: the header's length is known before the checksums are.
         header_len = len(json.dumps(header).encode())
         header["data_offset"] = data_offset = _round_up(_PREFIX.size + header_len + 32, ALIGN)
-        slot = self.layout.slot_bytes
+        slot = compressed.blob_bytes if compressed is not None else self.layout.slot_bytes
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         fd = None
         try:
@@ -890,14 +957,13 @@ class ExpertStore:
                       desc=f"packing {out.name}", disable=not progress) as bar:
                 for i, layer in enumerate(self.layers):
                     for e in range(self.num_experts):
-                        blob = self.read_expert(layer, e)
+                        blob = blob_of(layer, e)
                         crcs[i * self.num_experts + e] = f"{blob_checksum(layer, e, blob):08x}"
                         _pwrite_all(fd, blob.numpy(), data_offset + (i * self.num_experts + e)
                                     * slot)
                         bar.update(slot)
             raw = json.dumps(header).encode()
-            _pwrite_all(fd, _PREFIX.pack(PACK_MAGIC, PACK_VERSION, len(raw), _crc32c(raw)) + raw,
-                        0)
+            _pwrite_all(fd, _PREFIX.pack(PACK_MAGIC, version, len(raw), _crc32c(raw)) + raw, 0)
             os.fsync(fd)
             os.close(fd)
             fd = None
@@ -913,6 +979,27 @@ class ExpertStore:
                 tmp.unlink(missing_ok=True)
         _fsync_directory(out.parent)
         return out
+
+    def _packer(self, quantize: str | None):
+        """(layer, expert) -> the blob `pack` writes, and the compressed layout it has (None:
+        slot layout)."""
+        if quantize is None:
+            return self.read_checked, self.compressed
+        from remoe_engine.quant import parse_scheme, quantize_expert
+
+        scheme = parse_scheme(quantize)
+        try:
+            compressed, _ = quantize_expert(self.expert_tensors(self.layers[0], 0), scheme,
+                                            self.transposed)
+        except ValueError as error:
+            raise StoreError(f"cannot quantize the experts of '{self.source}' as "
+                             f"{scheme.name}: {error}") from None
+
+        def blob_of(layer: int, e: int) -> torch.Tensor:
+            return quantize_expert(self.expert_tensors(layer, e), scheme, self.transposed,
+                                   compressed)[1]
+
+        return blob_of, compressed
 
     def blob_checksums(self) -> torch.Tensor | None:
         """Each blob's checksum, as the pool's reader threads check a blob they read.
@@ -976,6 +1063,16 @@ class ExpertStore:
             An ExpertStore with tier "host".
         """
         E = self.num_experts
+        if self.compressed is not None:
+            # The host tier keeps the compressed bytes; the pool dequantizes each load.
+            blobs = torch.zeros(len(self.layers) * E, self.blob_bytes, dtype=torch.uint8,
+                                pin_memory=pin_memory)
+            for i, layer in enumerate(self.layers):
+                for e in range(E):
+                    blobs[i * E + e].copy_(self.read_checked(layer, e))
+            return ExpertStore(layout=self.layout, layers=self.layers, num_experts=E,
+                               model_type=self.model_type, source=self.source, host_blobs=blobs,
+                               compressed=self.compressed, transposed=self.transposed)
         dtype = dtype or self.layout.dtype
         layout = self.layout.in_dtype(dtype)
         blobs = _host_blobs(len(self.layers) * E, layout.slot_bytes, pin_memory).zero_()
@@ -989,7 +1086,8 @@ class ExpertStore:
                     for name, tensor in src.items():
                         dst[name].copy_(tensor)  # dtype conversion, once per expert
         return ExpertStore(layout=layout, layers=self.layers, num_experts=E,
-                           model_type=self.model_type, source=self.source, host_blobs=blobs)
+                           model_type=self.model_type, source=self.source, host_blobs=blobs,
+                           transposed=self.transposed)
 
 
 def _host_blobs(rows: int, slot_bytes: int, pin_memory: bool) -> torch.Tensor:
@@ -1041,12 +1139,14 @@ def measure_read_bandwidth(path: str | os.PathLike) -> tuple[float, bool]:
 
 
 def _check_version(path: str, version: int) -> None:
-    """Refuse a packed file of any format version but PACK_VERSION, saying what to do."""
-    if version == PACK_VERSION:
+    """Refuse a packed file of any format version but PACK_VERSION (slot-layout blobs) and
+    PACK_VERSION_COMPRESSED (compressed blobs), saying what to do."""
+    if version in (PACK_VERSION, PACK_VERSION_COMPRESSED):
         return
-    if version > PACK_VERSION:
+    if version > PACK_VERSION_COMPRESSED:
         raise StoreError(f"'{path}' has packed format version {version}; this remoe-engine reads "
-                         f"version {PACK_VERSION}: upgrade remoe-engine")
+                         f"versions {PACK_VERSION} and {PACK_VERSION_COMPRESSED}: upgrade "
+                         "remoe-engine")
     written = ("written by an earlier remoe-engine (unkeyed CRC-32 checksums, an unchecked "
                "header)" if version == 1 else "which no remoe-engine writes")
     raise StoreError(f"'{path}' has packed format version {version}, {written}; this "
@@ -1238,13 +1338,14 @@ def _checkpoint_tensors(directory: Path, config: dict) -> dict[str, TensorInfo]:
 
 
 def _index_any(tensors: dict[str, TensorInfo], spec: families.DiskLayout,
-               num_layers: int | None):
+               num_layers: int | None, quant_config: dict | None = None):
     """`_index_experts` with the first of a layout and its alternatives that matches any key
     (transformers applies a conversion rule only where its source keys exist, too)."""
     first_error = None
+    tensors, companions = _with_mxfp4(tensors)
     for candidate in (spec, *spec.alternatives):
         try:
-            return _index_experts(tensors, candidate, num_layers)
+            return _index_experts(tensors, candidate, num_layers, quant_config, companions)
         except _NoExpertKeys as error:
             first_error = first_error or error
     raise first_error
@@ -1255,10 +1356,13 @@ class _NoExpertKeys(StoreError):
 
 
 def _index_experts(tensors: dict[str, TensorInfo], spec: families.DiskLayout,
-                   num_layers: int | None = None,
-                   ) -> tuple[SlotLayout, list[int], int, dict[tuple[int, int], list[Segment]]]:
+                   num_layers: int | None = None, quant_config: dict | None = None,
+                   companions: dict[str, tuple[TensorInfo, TensorInfo]] | None = None,
+                   ) -> tuple[SlotLayout, list[int], int, dict[tuple[int, int], list[Segment]],
+                              QuantLayout | None]:
     """Match checkpoint keys against a family's disk layout and build each expert's segments
-    (only layers below `num_layers` when given)."""
+    (only layers below `num_layers` when given). FP8 and MXFP4 experts (`_with_mxfp4`) give a
+    compressed layout too (`_index_compressed`); else it is None."""
     patterns = [(piece, re.compile(piece.pattern)) for piece in spec.pieces]
     # (layer, expert or None for fused keys, piece index) -> tensor
     found: dict[tuple[int, int | None, int], TensorInfo] = {}
@@ -1293,10 +1397,12 @@ def _index_experts(tensors: dict[str, TensorInfo], spec: families.DiskLayout,
                            None) or next(t.key for (_, _, j), t in found.items() if j == i)
             raise StoreError(f"layer {layer} expert {expert}: missing tensor matching "
                              f"'{patterns[i][0].pattern}' (like '{example}')")
-        if info.dtype not in _ST_DTYPES:
+        if info.dtype not in _ST_DTYPES and info.dtype not in _COMPRESSED:
             raise StoreError(f"tensor '{info.key}' in '{info.file}' has dtype {info.dtype}, which "
                              f"remoe-engine does not read experts in (it reads "
-                             f"{', '.join(_ST_DTYPES)})")
+                             f"{', '.join([*_ST_DTYPES, *_COMPRESSED])})")
+        if compressed:  # compressed weights beside raw biases: one dtype per piece
+            ref_dtype = ref_piece.get(i, info)
         ref_dtype = ref_dtype or info
         if info.dtype != ref_dtype.dtype:
             raise StoreError(f"dtype mismatch: tensor '{info.key}' in '{info.file}' is "
@@ -1310,7 +1416,11 @@ def _index_experts(tensors: dict[str, TensorInfo], spec: families.DiskLayout,
                              f"{list(info.shape)} but '{ref.key}' has {list(ref.shape)}")
         return info
 
+    compressed = any(info.dtype in _COMPRESSED for info in found.values())
     layer0 = [lookup(layers[0], 0, i) for i in range(len(patterns))]
+    if compressed:
+        return _index_compressed(spec, patterns, layers, num_experts, layer0, lookup, tensors,
+                                 quant_config or {}, companions or {})
     dtype = _ST_DTYPES[layer0[0].dtype]
     shapes = []
     for param in spec.params:
@@ -1339,4 +1449,178 @@ def _index_experts(tensors: dict[str, TensorInfo], spec: families.DiskLayout,
                     segs.append(Segment(info.file, offset, n, at, info.key))
                     at += n
             segments[(layer, e)] = segs
-    return layout, layers, num_experts, segments
+    return layout, layers, num_experts, segments, None
+
+
+# Expert weights stored compressed: transformers' finegrained FP8 (a float8_e4m3fn weight with a
+# `weight_scale_inv` grid beside it) and MXFP4 (`*_blocks` and `*_scales`, seen here as one
+# virtual tensor of dtype "MXFP4" under the parameter's own name).
+_COMPRESSED = ("F8_E4M3", "MXFP4")
+_FP8_SCALE_DTYPES = {"F32": "f32", "F8_E8M0": "e8m0", "U8": "e8m0"}
+
+
+def _with_mxfp4(tensors: dict[str, TensorInfo]
+                ) -> tuple[dict[str, TensorInfo], dict[str, tuple[TensorInfo, TensorInfo]]]:
+    """The checkpoint's tensors, with each MXFP4 pair `X_blocks` [.., R, G, 16] + `X_scales`
+    [.., R, G] also seen as one tensor `X` of dtype "MXFP4" and shape [.., R, 32 G] (the
+    dequantized [out, in] shape, before transformers transposes it).
+
+    Returns:
+        (tensors, {X: (blocks, scales)}).
+    """
+    companions = {}
+    extra = {}
+    for key, blocks in tensors.items():
+        if not key.endswith("_blocks"):
+            continue
+        base = key.removesuffix("_blocks")
+        scales = tensors.get(base + "_scales")
+        if scales is None or base in tensors:
+            continue
+        if blocks.dtype != "U8" or len(blocks.shape) < 3 or blocks.shape[-1] != 16:
+            raise StoreError(f"MXFP4 tensor '{key}' in '{blocks.file}' is {blocks.dtype} "
+                             f"{list(blocks.shape)}; transformers' MXFP4 blocks are U8 "
+                             "[.., rows, groups, 16] (32 e2m1 codes per group)")
+        if scales.dtype not in ("U8", "F8_E8M0") or tuple(scales.shape) != blocks.shape[:-1]:
+            raise StoreError(f"MXFP4 scales '{scales.key}' in '{scales.file}' are {scales.dtype} "
+                             f"{list(scales.shape)}, but '{key}' {list(blocks.shape)} needs U8 "
+                             f"{list(blocks.shape[:-1])} (one UE8M0 exponent per 32 codes)")
+        shape = (*blocks.shape[:-2], blocks.shape[-2] * 32)
+        extra[base] = TensorInfo(base, blocks.file, blocks.offset, blocks.nbytes, "MXFP4", shape,
+                                 blocks.identity)
+        companions[base] = (blocks, scales)
+    return ({**tensors, **extra} if extra else tensors), companions
+
+
+def _fp8_scale_key(key: str) -> str:
+    """transformers' name of a FP8 weight's scales (Fp8Quantize._quantize_one)."""
+    return key.removesuffix("weight") + "weight_scale_inv" if key.endswith(".weight") else (
+        key + "_scale_inv")
+
+
+def _index_compressed(spec, patterns, layers, num_experts, layer0, lookup, tensors, quant_config,
+                      companions):
+    """`_index_experts` for FP8 / MXFP4 experts: the slot layout (nominal dtype bfloat16, or the
+    raw tensors' dtype), the compressed blob layout, and each expert's segments into the blob."""
+    from remoe_engine.quant import RAW_CODES, LayoutBuilder, QuantPart
+
+    block = quant_config.get("weight_block_size")
+    if block is not None and not (isinstance(block, list) and len(block) == 2
+                                  and all(_is_count(b) and b > 0 for b in block)):
+        raise StoreError(f"quantization_config.weight_block_size {_short(block)} is not two "
+                         "positive integers")
+    builder = LayoutBuilder()
+    placed: list[tuple[int, QuantPart]] = []  # (piece index, part)
+    shapes = []
+    raw_dtypes = set()
+    kinds = set()
+    for param in spec.params:
+        row0, width, transposed, ndim = 0, None, False, 2
+        for _, i in sorted((p.part, i) for i, (p, _) in enumerate(patterns) if p.param == param):
+            info, piece = layer0[i], patterns[i][0]
+            shape = info.shape[1:] if piece.fused else info.shape
+            if info.dtype == "MXFP4":
+                kinds.add("mxfp4")
+                rows, cols = shape
+                part = QuantPart(param, row0, rows, cols, True, "e2m1", 0, (1, 32), "e8m0", 0)
+                transposed = True
+            elif info.dtype == "F8_E4M3":
+                kinds.add("fp8")
+                if len(shape) != 2:
+                    raise StoreError(f"FP8 tensor '{info.key}' is {list(info.shape)}: not a matrix")
+                rows, cols = shape
+                scale = _fp8_scales(info, piece, tensors, num_experts)
+                grid = scale.shape[1:] if piece.fused else scale.shape
+                bm, bn = _fp8_block(info, scale, rows, cols, grid, block)
+                part = QuantPart(param, row0, rows, cols, False, "fp8_e4m3", 0, (bm, bn),
+                                 _FP8_SCALE_DTYPES[scale.dtype], 0)
+            else:
+                dtype = _ST_DTYPES[info.dtype]
+                if dtype not in RAW_CODES:
+                    raise StoreError(f"tensor '{info.key}' is {info.dtype}: beside compressed "
+                                     "experts only float tensors are read")
+                raw_dtypes.add(dtype)
+                ndim = len(shape)
+                rows, cols = (1, shape[0]) if ndim == 1 else shape
+                part = QuantPart(param, row0, rows, cols, False, RAW_CODES[dtype], 0)
+            if width is not None and (cols != width or transposed):
+                raise StoreError(f"'{param}' parts cannot be concatenated: '{info.key}' has "
+                                 f"{cols} input columns, the part before it {width}")
+            width = cols
+            row0 += rows
+            placed.append((i, builder.add(part)))
+        shapes.append((param, (width,) if ndim == 1 else (width, row0) if transposed
+                       else (row0, width)))
+    nominal = raw_dtypes.pop() if len(raw_dtypes) == 1 else torch.bfloat16
+    layout = SlotLayout.build(nominal, shapes)
+    quant = builder.build("+".join(sorted(kinds)))
+    quant.check_covers(layout)
+
+    def piece_of(info: TensorInfo, fused: bool, e: int, want: int, where: str) -> Segment:
+        n = info.nbytes // num_experts if fused else info.nbytes
+        if n != want:
+            raise StoreError(f"tensor '{info.key}' in '{info.file}' holds {n} bytes per expert, "
+                             f"its compressed layout needs {want}")
+        return Segment(info.file, info.offset + (e * n if fused else 0), n, 0, where)
+
+    segments: dict[tuple[int, int], list[Segment]] = {}
+    for layer in layers:
+        for e in range(num_experts):
+            segs = []
+            for i, part in placed:
+                info, piece = lookup(layer, e, i), patterns[i][0]
+                if info.dtype == "MXFP4":
+                    blocks, scales = companions[info.key]
+                    pairs = [(blocks, part.code_bytes, part.code_offset),
+                             (scales, part.scale_bytes, part.scale_offset)]
+                elif info.dtype == "F8_E4M3":
+                    scale = _fp8_scales(info, piece, tensors, num_experts)
+                    ref = _fp8_scales(layer0[i], piece, tensors, num_experts)
+                    if scale.shape != ref.shape or scale.dtype != ref.dtype:
+                        raise StoreError(
+                            f"scale mismatch: '{scale.key}' in '{scale.file}' is {scale.dtype} "
+                            f"{list(scale.shape)} but '{ref.key}' is {ref.dtype} "
+                            f"{list(ref.shape)}")
+                    pairs = [(info, part.code_bytes, part.code_offset),
+                             (scale, part.scale_bytes, part.scale_offset)]
+                else:
+                    pairs = [(info, part.code_bytes, part.code_offset)]
+                for t, want, offset in pairs:
+                    seg = piece_of(t, piece.fused, e, want, t.key)
+                    segs.append(dataclasses.replace(seg, slot_offset=offset))
+            segments[(layer, e)] = segs
+    return layout, layers, num_experts, segments, quant
+
+
+def _fp8_scales(info: TensorInfo, piece, tensors: dict[str, TensorInfo],
+                num_experts: int) -> TensorInfo:
+    key = _fp8_scale_key(info.key)
+    scale = tensors.get(key)
+    if scale is None:
+        raise StoreError(f"FP8 tensor '{info.key}' in '{info.file}' has no scales: expected "
+                         f"'{key}' (transformers' finegrained FP8 layout)")
+    if scale.dtype not in _FP8_SCALE_DTYPES:
+        raise StoreError(f"FP8 scales '{key}' in '{scale.file}' are {scale.dtype}; transformers "
+                         "reads F32 or UE8M0 (F8_E8M0) weight_scale_inv")
+    if len(scale.shape) != len(info.shape) or (piece.fused and scale.shape[0] != num_experts):
+        raise StoreError(f"FP8 scales '{key}' are {list(scale.shape)}, which does not match "
+                         f"'{info.key}' {list(info.shape)}")
+    return scale
+
+
+def _fp8_block(info: TensorInfo, scale: TensorInfo, rows: int, cols: int, grid, block
+               ) -> tuple[int, int]:
+    """The block a FP8 weight's scale grid covers: quantization_config.weight_block_size (the
+    last blocks may be ragged), else rows / grid rows exactly, as transformers' Fp8Dequantize."""
+    gr, gc = grid
+    if block is not None:
+        bm, bn = block
+        if (gr, gc) != (-(-rows // bm), -(-cols // bn)):
+            raise StoreError(f"FP8 scales '{scale.key}' in '{scale.file}' are a {gr} x {gc} grid, "
+                             f"but '{info.key}' [{rows}, {cols}] in {bm} x {bn} blocks "
+                             f"(weight_block_size) needs {-(-rows // bm)} x {-(-cols // bn)}")
+        return bm, bn
+    if gr == 0 or gc == 0 or rows % gr or cols % gc:
+        raise StoreError(f"FP8 scales '{scale.key}' ({gr} x {gc}) do not divide '{info.key}' "
+                         f"[{rows}, {cols}] and config.json gives no weight_block_size")
+    return rows // gr, cols // gc

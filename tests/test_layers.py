@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "remoe_engine"
 # Bottom up, as docs/design.md section 3 draws them; a module may import its own layer and below.
 LAYERS = [
     {"units", "hf_compat", "tiny_models"},
-    {"ops", "reference", "sim_reference"},
+    {"ops", "reference", "sim_reference", "quant"},
     {"families"},
     {"store"},
     {"pool"},

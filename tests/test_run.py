@@ -118,3 +118,29 @@ def test_the_table_says_what_each_row_and_column_means():
     for term in ("router delta shipped with the model", "previous token's", "hit rate",
                  "EOR", "top-k agr", "same interleaved run"):
         assert term in table, term
+
+
+def test_quantize_adds_one_row_per_scheme(capsys):
+    assert cli.main(["run", "--json", "--max-new-tokens", "3", "--eval-tokens", "24",
+                     "--router-delta", "none", "--reuse-bias", "0",
+                     "--quantize", "int8,int4:g32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["original", "original@int8", "original@int4:g32"]
+    full, int8, int4 = report["rows"]
+    assert full["quantize"] is None and int8["quantize"] == "int8"
+    # A miss reads one compressed blob: int8 about a quarter of the fp32 slot, int4 an eighth.
+    assert full["blob_bytes"] == report["slot_bytes"]
+    assert int8["blob_bytes"] <= report["slot_bytes"] // 3
+    assert int4["blob_bytes"] <= report["slot_bytes"] // 6
+    for row in report["rows"]:
+        assert row["bytes_read_per_token"] == pytest.approx(
+            row["misses_per_token"] * row["blob_bytes"])
+    # Quantization costs little perplexity on the built-in model.
+    assert int8["perplexity"] == pytest.approx(full["perplexity"], rel=0.02)
+    assert int4["perplexity"] == pytest.approx(full["perplexity"], rel=0.1)
+
+
+def test_quantize_refuses_an_unknown_scheme(capsys):
+    assert cli.main(["run", "--quantize", "int8,int3"]) == 2
+    assert "--quantize 'int3'" in capsys.readouterr().err

@@ -303,8 +303,8 @@ def test_packed_file_errors_name_the_file(packed_file):
     with pytest.raises(StoreError, match=rf"'{packed_file}' is not a remoe packed expert file"):
         ExpertStore.from_packed(packed_file)
     packed_file.write_bytes(raw[:8] + struct.pack("<I", 99) + raw[12:])
-    with pytest.raises(StoreError, match=r"format version 99; this remoe-engine reads version 2: "
-                       "upgrade remoe-engine"):
+    with pytest.raises(StoreError, match=r"format version 99; this remoe-engine reads versions "
+                       "2 and 3: upgrade remoe-engine"):
         ExpertStore.from_packed(packed_file)
     packed_file.write_bytes(raw[:20] + b"}" + raw[21:])  # the JSON starts after the 20-byte prefix
     with pytest.raises(StoreError, match=rf"'{packed_file}' has a corrupt header"):

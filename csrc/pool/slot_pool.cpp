@@ -302,6 +302,42 @@ void SlotPool::set_conversion(const std::string& src_dtype, const std::string& d
   landing_ = std::move(landing);
 }
 
+void SlotPool::set_dequant(const at::Tensor& plan, int64_t src_bytes,
+                           const std::string& dst_dtype) {
+  const at::ScalarType to = parse_float_dtype(dst_dtype, "dst_dtype");
+  TORCH_CHECK(src_bytes > 0 && src_bytes % kDirectIoAlign == 0, "SlotPool.set_dequant: "
+              "src_bytes must be a positive multiple of ", kDirectIoAlign, ", got ", src_bytes);
+  int64_t extent = 0;
+  std::vector<DequantPart> parts = parse_dequant_plan(plan, src_bytes, slot_bytes_, to, &extent);
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!started_ && runs_.empty() && !host_blobs_.defined() && convert_.empty(),
+              "SlotPool.set_dequant: call it before the sources and the first acquire/prefetch, "
+              "and not with set_conversion");
+  // On a GPU the compressed blob crosses the bus and the engine dequantizes it there; else it
+  // lands in a per-reader buffer and is dequantized on this host.
+  device_dequant_ = engine_->enable_dequant(parts, to, src_bytes);
+  std::vector<std::unique_ptr<AlignedBuffer>> landing;
+  for (int w = 0; w < reader_->size() && !device_dequant_; ++w) {
+    landing.push_back(std::make_unique<AlignedBuffer>(src_bytes));
+  }
+  dequant_ = std::move(parts);
+  dequant_dtype_ = to;
+  land_bytes_ = src_bytes;
+  dst_extent_ = extent;
+  landing_ = std::move(landing);
+}
+
+int64_t SlotPool::dequantize_into(int64_t slot, int worker, const uint8_t* land, bool staged) {
+  if (device_dequant_) {
+    check_scales_host(dequant_, land);  // the kernel cannot refuse a corrupt scale
+    return staged ? engine_->commit_dequant(slot, worker, land_bytes_)
+                  : engine_->dequant_from_host(slot, land, land_bytes_);
+  }
+  uint8_t* target = engine_->read_target(slot, worker);
+  dequantize_host(dequant_, land, target, dequant_dtype_);
+  return engine_->commit_read(slot, worker, dst_extent_);
+}
+
 void SlotPool::set_checksums(const at::Tensor& checks) {
   TORCH_CHECK(checks.dim() == 2 && checks.size(0) == num_layers_ * num_experts_ &&
                   checks.size(1) == 2 && checks.scalar_type() == at::kLong &&
@@ -349,6 +385,9 @@ void SlotPool::set_host_sources(const at::Tensor& blobs) {
   std::lock_guard<std::mutex> lock(mu_);
   TORCH_CHECK(!started_, "SlotPool.set_host_sources: sources are frozen after the first "
               "acquire/prefetch");
+  TORCH_CHECK(dequant_.empty() || blobs.size(1) == land_bytes_, "SlotPool.set_host_sources: "
+              "compressed rows must be the ", land_bytes_, "-byte blobs set_dequant describes, "
+              "got ", blobs.size(1));
   host_blobs_ = blobs;
   host_blob_bytes_ = blobs.size(1);
   runs_.clear();
@@ -597,7 +636,8 @@ void SlotPool::release(int64_t layer, const at::Tensor& ids) {
 
 void SlotPool::launch(std::vector<Job>& jobs) {
   for (Job& job : jobs) {
-    if (host_blobs_.defined() && engine_->host_copy_is_async()) {
+    if (host_blobs_.defined() && engine_->host_copy_is_async() &&
+        (dequant_.empty() || device_dequant_)) {
       run_load(job);  // only enqueues a copy: cheaper on this thread than a hand-off
     } else {
       reader_->submit([this, job = std::move(job)] { run_load(job); });
@@ -612,14 +652,21 @@ void SlotPool::run_load(const Job& job) {
   try {
     if (host_blobs_.defined()) {
       const uint8_t* src = host_blobs_.data_ptr<uint8_t>() + key(job.layer, job.expert) * host_blob_bytes_;
-      count(job.layer, kBytesCopied, engine_->copy_from_host(job.slot, src, host_blob_bytes_));
+      if (!dequant_.empty()) {
+        // A compressed host row: dequantized on this reader thread, straight from host memory.
+        count(job.layer, kBytesCopied,
+              dequantize_into(job.slot, ReaderPool::current_worker(), src, /*staged=*/false));
+      } else {
+        count(job.layer, kBytesCopied, engine_->copy_from_host(job.slot, src, host_blob_bytes_));
+      }
     } else {
       const int64_t k = key(job.layer, job.expert);
       const int worker = ReaderPool::current_worker();
       uint8_t* target = engine_->read_target(job.slot, worker);
       // Bytes land in the slot itself (CPU) or the reader's staging buffer (CUDA), unless they
       // need a dtype conversion first.
-      uint8_t* land = convert_.empty() ? target : landing_[worker]->data;
+      uint8_t* land = convert_.empty() && (dequant_.empty() || device_dequant_)
+                          ? target : landing_[worker]->data;
       const bool check = !crc_expected_.empty() && verify_.load(std::memory_order_relaxed);
       bool converted = false;
       uint32_t crc = check ? crc_seed_[k] : 0;
@@ -657,6 +704,12 @@ void SlotPool::run_load(const Job& job) {
             << ", the header says " << std::setw(8) << crc_expected_[k]
             << "): the file is corrupt or was changed after packing; run `remoe pack` again";
         throw std::runtime_error(msg.str());
+      }
+      if (!dequant_.empty()) {
+        // After the checksum: scales are only trusted once the whole blob is verified.
+        count(job.layer, kBytesCopied, dequantize_into(job.slot, worker, land, /*staged=*/true));
+        job.ticket->finish(LoadTicket::State::kDone);
+        return;
       }
       if (!convert_.empty()) {
         if (!converted) convert_range(land, target, 0, land_bytes_);
@@ -791,6 +844,7 @@ void register_slot_pool(torch::Library& m) {
       .def("set_file_sources", &SlotPool::set_file_sources)
       .def("set_host_sources", &SlotPool::set_host_sources)
       .def("set_conversion", &SlotPool::set_conversion)
+      .def("set_dequant", &SlotPool::set_dequant)
       .def("set_checksums", &SlotPool::set_checksums)
       .def("set_verify", &SlotPool::set_verify)
       .def("set_layer_ids", &SlotPool::set_layer_ids)

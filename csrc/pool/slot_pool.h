@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "../quant/dequant.h"
 #include "../transfer/copy_engine.h"
 #include "../transfer/reader.h"
 
@@ -117,6 +118,12 @@ class SlotPool : public torch::CustomClassHolder {
   // "float16"). Call before set_file_sources, whose slot offsets then refer to the source layout.
   void set_conversion(const std::string& src_dtype, const std::string& dst_dtype,
                       const at::Tensor& plan, int64_t src_bytes);
+  // Sources hold compressed experts (csrc/quant/dequant.h): each load lands in a per-reader buffer
+  // of `src_bytes` (the compressed blob, which is what checksums cover), then `plan` [N, 12]
+  // dequantizes it into the slot in `dst_dtype` ("float32" | "bfloat16" | "float16"). Host-tier
+  // rows are compressed blobs too. Call before set_file_sources / set_host_sources, whose offsets
+  // then refer to the compressed blob.
+  void set_dequant(const at::Tensor& plan, int64_t src_bytes, const std::string& dst_dtype);
   // checks [L * E, 2] int64 rows (seed, expected): a load of expert k is accepted only if
   // crc32c(landed bytes [0, land_bytes), seed) == expected, checked by the reader before the
   // bytes can reach the slot (the seed binds a blob to its (layer, expert), so a relabelled blob
@@ -198,6 +205,10 @@ class SlotPool : public torch::CustomClassHolder {
   // Converts the bytes [begin, end) of the source layout in `land` into the slot layout at
   // `target` (the parts of each tensor that fall in the range).
   void convert_range(const uint8_t* land, uint8_t* target, int64_t begin, int64_t end) const;
+  // A compressed blob `land` dequantized into slot `slot` (set_dequant); returns bytes copied.
+  // staged: `land` is the worker's read_target (a device engine copies it from there), else host
+  // memory (a host-tier row).
+  int64_t dequantize_into(int64_t slot, int worker, const uint8_t* land, bool staged);
   // Reads expert `k`'s runs into `land` on reader `worker`; returns (bytes read, extent).
   std::pair<int64_t, int64_t> read_runs(int64_t k, int worker, uint8_t* land);
   bool has_sources_locked() const { return !runs_.empty() || host_blobs_.defined(); }
@@ -230,6 +241,9 @@ class SlotPool : public torch::CustomClassHolder {
   int64_t dst_extent_ = 0;  // converting: slot bytes the conversion writes
   at::ScalarType src_dtype_ = at::kByte, dst_dtype_ = at::kByte;
   std::vector<ConvertStep> convert_;  // empty: no conversion
+  std::vector<DequantPart> dequant_;  // empty: the sources are not compressed
+  at::ScalarType dequant_dtype_ = at::kByte;
+  bool device_dequant_ = false;  // the engine dequantizes on its device (CUDA)
   std::vector<uint32_t> crc_seed_, crc_expected_;  // [L * E] or empty
   std::atomic<bool> verify_{true};
   std::vector<int64_t> layer_ids_;  // [L] transformers layer index, for messages

@@ -44,4 +44,12 @@ std::unique_ptr<CopyEngine> make_copy_engine(const c10::Device& device, int64_t 
   return factory(device, num_slots, slot_bytes, num_workers);
 }
 
+int64_t CopyEngine::commit_dequant(int64_t /*slot*/, int /*worker*/, int64_t /*nbytes*/) {
+  TORCH_CHECK(false, "SlotPool: this copy engine does not dequantize on its device");
+}
+
+int64_t CopyEngine::dequant_from_host(int64_t /*slot*/, const uint8_t* /*src*/, int64_t /*nbytes*/) {
+  TORCH_CHECK(false, "SlotPool: this copy engine does not dequantize on its device");
+}
+
 }  // namespace remoe

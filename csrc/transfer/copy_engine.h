@@ -10,6 +10,9 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
+
+#include "../quant/dequant.h"
 
 namespace remoe {
 
@@ -40,6 +43,20 @@ class CopyEngine {
   // The caller has enqueued its last use of `slot` on its current stream; the next load into the
   // slot must not start before that work (CUDA: records the slot's reuse event; CPU: nothing).
   virtual void mark_released(int64_t slot) = 0;
+
+  // Compressed experts (csrc/quant/dequant.h). An engine that dequantizes on its device returns
+  // true from enable_dequant (called once, before any load, with the plan and the compressed
+  // blob size); the pool then hands it compressed blobs, checked (CRC32C, finite scales) on the
+  // host: commit_dequant takes the first `nbytes` of read_target(slot, worker), dequant_from_host
+  // host memory (a pinned host-tier row), and each makes the blob reach the device and
+  // dequantizes it into `slot` (returns bytes copied: the compressed bytes). The default
+  // engine does neither: the pool dequantizes on the host into read_target.
+  virtual bool enable_dequant(const std::vector<DequantPart>& /*parts*/, at::ScalarType /*dtype*/,
+                              int64_t /*blob_bytes*/) {
+    return false;
+  }
+  virtual int64_t commit_dequant(int64_t slot, int worker, int64_t nbytes);
+  virtual int64_t dequant_from_host(int64_t slot, const uint8_t* src, int64_t nbytes);
 };
 
 using CopyEngineFactory = std::unique_ptr<CopyEngine> (*)(const c10::Device& device,

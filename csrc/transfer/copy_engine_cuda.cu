@@ -19,6 +19,10 @@
 //     whose release and previous load are long done goes straight onto its stream; a copy that
 //     must wait goes onto the wait lane of its slot (slot % kWaitLanes), so a slot still read by
 //     a kernel never delays copies into other slots.
+// Compressed experts: the compressed blob is copied into a device scratch row (one per reader,
+// one more for host-tier rows) and the dequantize kernel writes the slot, both on the reader's
+// own stream (the caller thread's for host-tier rows), never on a wait lane: the next dequant of
+// that reader reuses the row, and one stream orders it after the kernel that read it.
 
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -27,8 +31,11 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <cstring>
+#include <mutex>
 #include <vector>
 
+#include "../quant/dequant_cuda.h"
 #include "copy_engine.h"
 #include "reader.h"
 
@@ -133,6 +140,42 @@ class CudaCopyEngine final : public CopyEngine {
 
   bool host_copy_is_async() const override { return true; }
 
+  bool enable_dequant(const std::vector<DequantPart>& parts, at::ScalarType dtype,
+                      int64_t blob_bytes) override {
+    // A compressed blob is read into the staging buffer; one that does not fit stays on the host.
+    if (blob_bytes > slot_bytes_) return false;
+    const c10::cuda::CUDAGuard guard(device_);
+    const auto bytes = static_cast<int64_t>(parts.size() * sizeof(DequantPart));
+    at::Tensor table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+    std::memcpy(table.data_ptr<uint8_t>(), parts.data(), static_cast<size_t>(bytes));
+    parts_ = table.to(slots_.device());  // a synchronous copy, once
+    num_parts_ = static_cast<int64_t>(parts.size());
+    max_elements_ = max_part_elements(parts);
+    dtype_ = dtype;
+    // [readers + 1, blob_bytes]: the last row serves host-tier rows (copy_from_host's callers).
+    scratch_ = at::empty({static_cast<int64_t>(staging_.size()) + 1, blob_bytes},
+                         slots_.options());
+    return true;
+  }
+
+  int64_t commit_dequant(int64_t slot, int worker, int64_t nbytes) override {
+    const c10::cuda::CUDAGuard guard(device_);
+    Staging& st = staging_[worker][current_[worker]];
+    const cudaStream_t stream = streams_[worker];
+    enqueue_dequant(slot, worker, st.buffer, nbytes, stream);
+    C10_CUDA_CHECK(cudaEventRecord(st.copied, stream));
+    return nbytes;
+  }
+
+  int64_t dequant_from_host(int64_t slot, const uint8_t* src, int64_t nbytes) override {
+    const c10::cuda::CUDAGuard guard(device_);
+    // Host-tier loads are enqueued by the acquiring threads: one at a time on the shared row.
+    std::lock_guard<std::mutex> lock(host_scratch_mu_);
+    const int row = static_cast<int>(staging_.size());
+    enqueue_dequant(slot, row, src, nbytes, streams_[row]);
+    return nbytes;
+  }
+
   void wait_loaded(int64_t slot) override {
     const c10::cuda::CUDAGuard guard(device_);
     const cudaStream_t consumer = c10::cuda::getCurrentCUDAStream(device_.index()).stream();
@@ -179,6 +222,24 @@ class CudaCopyEngine final : public CopyEngine {
     return stream;
   }
 
+  // On `stream`: wait for the slot's release and previous load when still pending, copy the
+  // compressed blob into scratch row `row`, dequantize it into the slot, record the slot's load.
+  // Always `stream`, never a wait lane: `row` is reused by the next dequant on this stream.
+  void enqueue_dequant(int64_t slot, int row, const uint8_t* src, int64_t nbytes,
+                       cudaStream_t stream) {
+    TORCH_CHECK(scratch_.defined() && nbytes <= scratch_.size(1), "SlotPool (CUDA): ", nbytes,
+                "-byte compressed blob without enable_dequant for it");
+    uint8_t* scratch = scratch_.data_ptr<uint8_t>() + row * scratch_.size(1);
+    if (pending(released_[slot])) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, released_[slot], 0));
+    if (pending(loaded_[slot])) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, loaded_[slot], 0));
+    C10_CUDA_CHECK(cudaMemcpyAsync(scratch, src, static_cast<size_t>(nbytes),
+                                   cudaMemcpyHostToDevice, stream));
+    launch_dequantize(reinterpret_cast<const DequantPart*>(parts_.data_ptr<uint8_t>()),
+                      num_parts_, max_elements_, scratch, base_ + slot * slot_bytes_, dtype_,
+                      stream);
+    C10_CUDA_CHECK(cudaEventRecord(loaded_[slot], stream));
+  }
+
   c10::Device device_;
   int64_t slot_bytes_;
   at::Tensor slots_;  // [num_slots, slot_bytes] uint8 on device_
@@ -188,6 +249,12 @@ class CudaCopyEngine final : public CopyEngine {
   std::vector<cudaEvent_t> released_;  // [num_slots]
   std::vector<std::array<Staging, kStagingPerReader>> staging_;  // [num_workers]
   std::vector<int> next_, current_;    // [num_workers] staging buffer to use next / in use
+  // Compressed experts (enable_dequant): the plan on the device, scratch rows for blobs.
+  at::Tensor parts_;                   // [num_parts * sizeof(DequantPart)] uint8 on device_
+  int64_t num_parts_ = 0, max_elements_ = 0;
+  at::ScalarType dtype_ = at::kFloat;
+  at::Tensor scratch_;                 // [num_workers + 1, blob_bytes] uint8 on device_
+  std::mutex host_scratch_mu_;
 };
 
 std::unique_ptr<CopyEngine> make_cuda_engine(const c10::Device& device, int64_t num_slots,

@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "can use O_DIRECT. Each blob carries a CRC32C keyed by its layer and expert, and the "
         "header its own CRC32C. Written to a temporary file .OUT.tmp-PID and renamed, so OUT is "
         "never half-written and a failed pack leaves OUT as it was; temporary files left by "
-        "killed packs of OUT are removed.",
+        "killed packs of OUT are removed. With --quantize the experts are written compressed "
+        "(codes and scales; packed format version 3) and dequantized into the compute dtype as "
+        "each one loads; FP8 and MXFP4 checkpoints are packed compressed as they are.",
     )
     parser.add_argument("checkpoint", type=pathlib.Path, metavar="CKPT",
                         help="checkpoint directory (config.json, and model.safetensors or "
@@ -30,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("out", type=pathlib.Path, metavar="OUT", help="packed file to write")
     parser.add_argument("--model-type", default=None,
                         help="override config.json's model_type (picks the on-disk layout)")
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help="write compressed experts: int8 (one scale per row), int8:gN, "
+                        "int4 (= int4:g64) or int4:gN (N input columns per fp16 scale and zero "
+                        "point, round to nearest), int4:gN+hqq (HQQ-style refined zero points)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     parser.add_argument("--verify", action="store_true",
                         help="re-read the written file and check every expert blob's CRC32C")
@@ -44,9 +50,16 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"'{args.out}' exists; pass --force to overwrite it")
     if not args.out.parent.is_dir():
         raise CommandError(f"output directory '{args.out.parent}' does not exist")
+    if args.quantize is not None:
+        from remoe_engine.quant import parse_scheme
+
+        try:
+            parse_scheme(args.quantize)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
     try:
         store = ExpertStore.from_checkpoint(args.checkpoint, model_type=args.model_type)
-        store.pack(args.out, progress=not args.no_progress)
+        store.pack(args.out, progress=not args.no_progress, quantize=args.quantize)
         packed = ExpertStore.from_packed(args.out)
         if args.verify:
             packed.verify()
@@ -56,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
         where = f"'{error.filename}': " if error.filename else ""
         raise CommandError(f"{where}{error.strerror or error}") from None
     size = args.out.stat().st_size
+    what = (f"{packed.compressed.scheme} compressed, {packed.blob_bytes} bytes per expert blob "
+            f"({packed.layout.slot_bytes} as {str(packed.layout.dtype).removeprefix('torch.')})"
+            if packed.compressed is not None else
+            f"{packed.layout.slot_bytes} bytes per expert blob")
     print(f"wrote {args.out}: {store.model_type}, {len(store.layers)} layers x "
-          f"{store.num_experts} experts, {store.layout.slot_bytes} bytes per expert blob, "
-          f"{size / 2**20:.1f} MiB")
+          f"{store.num_experts} experts, {what}, {size / 2**20:.1f} MiB")
     return 0

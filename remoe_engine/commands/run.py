@@ -6,7 +6,8 @@ shipped with the model ("remoe"), and each with the cache-aware reuse bias ("+bi
 configuration then decodes the same held-out tokens one at a time, interleaved with a copy that
 holds every expert (the compute floor), and a table compares tokens/s, TPOT next to its floor,
 hit rate, bytes read per token, perplexity, expert reuse (EOR) and top-k agreement with the
-original router.
+original router. `--quantize SCHEME[,SCHEME...]` adds a row per compressed expert scheme (the
+original router, experts packed with `remoe pack --quantize SCHEME`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="at decode, start reading the next MoE layer's likely experts early "
                         "(off by default: it reads more bytes than it saves on the built-in "
                         "model; see bench/bench_prefetch.py)")
+    parser.add_argument("--quantize", default=None, metavar="SCHEMES",
+                        help="comma-separated compressed expert schemes, one more row each "
+                        "(original router, experts packed compressed and dequantized into the "
+                        "slots as they load): int8, int8:gN, int4:gN, int4:gN+hqq, fp8, mxfp4, "
+                        "bf16")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--out", default=None,
                         help="also write the report as JSON to this file, with the date, the "
@@ -116,6 +122,14 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--router-delta {args.router_delta}: no such file")
     if args.eval_text is not None and not os.path.isfile(args.eval_text):
         raise CommandError(f"--eval-text {args.eval_text}: no such file")
+    schemes = ()
+    if args.quantize:
+        from remoe_engine.quant import parse_scheme
+
+        try:
+            schemes = tuple(parse_scheme(s).name for s in args.quantize.split(",") if s.strip())
+        except ValueError as error:
+            raise CommandError(str(error)) from None
     progress = not args.no_progress and not args.json
     if progress:  # importing torch and transformers takes seconds: say something first
         print(f"remoe run: {model_dir}", file=sys.stderr, flush=True)
@@ -142,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         router_delta=delta, device=args.device,
         prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
         max_new_tokens=args.max_new_tokens, eval_tokens=args.eval_tokens,
-        eval_text=args.eval_text, progress=progress, prefetch=args.prefetch)
+        eval_text=args.eval_text, progress=progress, prefetch=args.prefetch, quantize=schemes)
     log = (lambda line: print(f"remoe run: {line}", file=sys.stderr, flush=True)) if progress \
         else (lambda line: None)
     try:
