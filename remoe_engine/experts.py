@@ -131,6 +131,7 @@ def learn_gate(experts: nn.Module) -> tuple[ops.ExpertsGate | None, str]:
             wants = [target(h) for h in probes]
     except Exception as error:  # e.g. an activation taking (gate, up): not a form we know
         return None, f"its gate cannot be probed ({type(error).__name__}: {error})"
+
     def equal(got: torch.Tensor, want: torch.Tensor) -> bool:
         # Relative to the probe's largest output: in the saturated tails (gelu of a large
         # negative input) two correct formulas differ by cancellation, not by form.
