@@ -200,3 +200,24 @@ def test_strengths_must_be_finite_and_non_negative():
         LearnedBias("previous", torch.tensor([[0.1], [-0.01]]))
     with pytest.raises(ValueError, match="source"):
         LearnedBias("sideways", torch.tensor([[0.1]]))
+
+
+def test_model_card_section_is_generated_from_the_committed_results():
+    """The card's learned-bias section comes from bench/results, never typed: regenerate it."""
+    import glob
+    import importlib.util
+    import json
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    results = sorted(glob.glob(str(root / "bench" / "results" / "learned-bias-*.json")))
+    if not results:
+        pytest.skip("no learned-bias results committed yet")
+    spec = importlib.util.spec_from_file_location(
+        "learned_bias", root / "bench" / "experiments" / "learned_bias.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = json.loads(pathlib.Path(results[-1]).read_text())
+    section = module.card_section(doc, str(pathlib.Path(results[-1]).relative_to(root)))
+    card = (root / "remoe_engine" / "zoo" / "tiny" / "MODEL_CARD.md").read_text()
+    assert section in card

@@ -10,7 +10,7 @@ from remoe_engine import cli, zoo
 
 ROW_FIELDS = {"name", "router", "reuse_bias", "bias_source", "tokens_per_s", "tpot_ms",
               "tpot_p90_ms", "floor_ms", "hit_rate", "bytes_read_per_token", "misses_per_token",
-              "perplexity", "eor", "topk_agreement", "text", "stats"}
+              "perplexity", "eor", "topk_agreement", "text", "lru_hit_rates", "stats"}
 
 pytestmark = pytest.mark.slow  # each test runs remoe or a subprocess
 
@@ -51,6 +51,8 @@ def test_report_fields(report):
         assert row["perplexity"] > 1.0
         assert 0.0 <= row["eor"] <= 1.0 and 0.0 <= row["topk_agreement"] <= 1.0
         assert isinstance(row["text"], str)
+        assert set(row["lru_hit_rates"]) == {"K", "2K", "budget"}
+        assert all(0.0 <= v <= 1.0 for v in row["lru_hit_rates"].values())
     assert report["rows"][0]["topk_agreement"] == 1.0
     card = json.loads((zoo.path("tiny") / "card.json").read_text())["remoe"]
     for row in report["rows"][2:]:
@@ -118,3 +120,46 @@ def test_the_table_says_what_each_row_and_column_means():
     for term in ("router delta shipped with the model", "previous token's", "hit rate",
                  "EOR", "top-k agr", "same interleaved run"):
         assert term in table, term
+
+
+def _learned_delta(path, source: str, strengths) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from remoe_engine.finetune.bias import LearnedBias
+    from remoe_engine.finetune.delta import save_router_delta
+
+    model = AutoModelForCausalLM.from_pretrained(zoo.path("tiny"))
+    learned = LearnedBias(source, torch.tensor(strengths, dtype=torch.float32), slots=8)
+    return str(save_router_delta(model, path, reuse_bias=learned))
+
+
+def test_learned_row_runs_with_the_deltas_strengths(tmp_path, capsys):
+    """A delta with a learned bias adds the "learned" row, routed with its own strengths and
+    source (here "previous", while the +bias rows use the card's "resident")."""
+    delta = _learned_delta(tmp_path / "learned.safetensors", "previous",
+                           [[0.0], [0.03], [0.01], [0.02]])
+    assert cli.main(["run", "--json", "--max-new-tokens", "3", "--eval-tokens", "16",
+                     "--learned-delta", delta, "--reuse-bias", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["original", "remoe", "learned"]
+    learned = rows["learned"]
+    assert learned["router"] == "learned" and learned["bias_source"] == "previous"
+    assert learned["reuse_bias"] == pytest.approx(0.03)
+    # The bias changed the routing: fewer experts agree with the original router.
+    assert learned["topk_agreement"] < 1.0
+    assert learned["eor"] > rows["original"]["eor"]
+
+
+def test_learned_delta_must_carry_a_bias(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from remoe_engine.finetune.delta import save_router_delta
+
+    plain = save_router_delta(AutoModelForCausalLM.from_pretrained(zoo.path("tiny")),
+                              tmp_path / "plain.safetensors")
+    capsys.readouterr()  # the loading bar above
+    assert cli.main(["run", "--learned-delta", str(plain), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no learned reuse bias" in err and len(err.splitlines()) == 1
