@@ -270,14 +270,16 @@ def test_cli_errors_are_one_line(base, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["previous", "resident"])
+@pytest.mark.parametrize("source,ce_gradient", [("previous", "straight-through"),
+                                               ("resident", "spsa")])
 def test_cli_learn_bias_writes_a_delta_with_strengths_and_the_routers_unchanged(
-        base, tmp_path, source):
+        base, tmp_path, source, ce_gradient):
     out = tmp_path / "lb"
     assert cli_main(["finetune", "--model", str(base / "base"), "--out", str(out),
                      "--data", str(base / "train.txt"), "--learn-bias", source,
                      "--bias-slots", "4", "--bias-steps", "2", "--batch", "2", "--seq-len", "16",
-                     "--bias-per-expert", "--no-progress"]) == 0
+                     "--bias-per-expert", "--bias-ce-gradient", ce_gradient,
+                     "--no-progress"]) == 0
     learned = fdelta.read_learned_bias(out / fdelta.DELTA_NAME)
     assert learned.source == source and learned.per_expert
     assert learned.slots == (4 if source == "resident" else None)

@@ -67,12 +67,12 @@ def rows_for(delta: str, learned: dict[str, str]) -> list[tuple]:
         rows += [(f"original+bias {b} {source}", None, b, source) for b in FIXED_BIASES]
     for source in ("previous", "resident"):
         rows += [(f"remoe+bias {b} {source}", delta, b, source) for b in (0.01, 0.02)]
-    rows += [(f"learned {name}", path, 0.0, "resident") for name, path in learned.items()]
+    rows += [(name, path, 0.0, "resident") for name, path in learned.items()]
     return rows
 
 
 def forward_rows(model_dir: str, rows: list[tuple], wins, top_k: int, budget_slots: int,
-                 slot_bytes: int, slots_per_layer: int) -> list[dict]:
+                 slot_bytes: int, slots_per_layer: int, cache: dict | None = None) -> list[dict]:
     """Pass B: each configuration over many held-out windows in batched teacher-forced
     forwards that select experts exactly as decode does (`finetune.bias.BiasedRouting`, whose
     choices tests/test_learned_bias.py checks against token-by-token decode). "resident"
@@ -91,7 +91,11 @@ def forward_rows(model_dir: str, rows: list[tuple], wins, top_k: int, budget_slo
     from remoe_engine.ops import topk_overlap
 
     out = []
+    cache = {} if cache is None else cache
     for name, delta, bias, source in rows:
+        if name in cache:  # the same configuration measured by an earlier run on these windows
+            out.append(cache[name])
+            continue
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         learned = None
         if delta is not None:
@@ -128,15 +132,32 @@ def forward_rows(model_dir: str, rows: list[tuple], wins, top_k: int, budget_slo
                               "budget": hits_budget / accesses},
             "bytes_read_per_token": (accesses - hits_budget) * slot_bytes / (W * S),
             "strengths": learned.strengths.mean(1).tolist(), "source": learned.source})
+        cache[name] = out[-1]
         print(f"  {name}: ppl {out[-1]['perplexity']:.3f} EOR {eor:.3f} "
               f"KB/token {out[-1]['bytes_read_per_token'] / 1024:.0f}", file=sys.stderr)
     return out
 
 
+HAND_ALLOCATIONS = ([0.0, 0.04, 0.04, 0.04], [0.0, 0.05, 0.05, 0.05], [0.01, 0.05, 0.05, 0.05])
+
+
+# Pass A (decoded through remoe run's comparison, one interleaved run per text) takes the
+# configurations the verdict is about, not the whole sweep: the decode is the slow part.
+PASS_A = ("original", "remoe", "original+bias 0.02 previous", "original+bias 0.01 resident",
+          "original+bias 0.02 resident", "original+bias 0.03 resident",
+          "remoe+bias 0.01 resident")
+
+
 def layer_probes(layers: int = 4, bias: float = 0.03, source: str = "resident") -> list[tuple]:
-    """Pass B only: the fixed bias on one layer at a time, what each layer's reuse costs."""
-    return [(f"layer {i} only {bias} {source}", None,
-             [bias if j == i else 0.0 for j in range(layers)], source) for i in range(layers)]
+    """Pass B only: the fixed bias on one layer at a time (what each layer's reuse costs), and
+    per-layer strengths set by hand from those probes (not learned: what a per-layer allocation
+    can reach, for comparison with what training found)."""
+    probes = [(f"layer {i} only {bias} {source}", None,
+               [bias if j == i else 0.0 for j in range(layers)], source) for i in range(layers)]
+    if layers == len(HAND_ALLOCATIONS[0]):
+        probes += [("by hand " + "/".join(f"{v:g}" for v in a) + f" {source}", None, list(a),
+                    source) for a in HAND_ALLOCATIONS]
+    return probes
 
 
 def evaluate(args) -> None:
@@ -161,6 +182,10 @@ def evaluate(args) -> None:
            "second_text_files": files, "texts": {}}
     from transformers import AutoTokenizer
 
+    cache = {}
+    if args.cache and os.path.exists(args.cache):
+        with open(args.cache) as f:
+            cache = json.load(f)
     from remoe_engine.compare import pool_budget, pool_slot_bytes
     from remoe_engine.evaluation import heldout_ids, windows
     from remoe_engine.store import ExpertStore
@@ -180,15 +205,21 @@ def evaluate(args) -> None:
             stream = heldout_ids(model, tokenizer, text_file=eval_text,
                                  max_tokens=args.forward_tokens)[0]
             print(f"{name}: pass B, {stream.numel()} tokens", file=sys.stderr)
+            key = f"{name} {args.forward_tokens}"
             doc["forward"][name] = forward_rows(model, rows + layer_probes(len(store.layers)),
                                                 windows(stream, 256), top_k,
                                                 budget_slots, slot_bytes,
-                                                budget_slots // len(store.layers))
+                                                budget_slots // len(store.layers),
+                                                cache.setdefault(key, {}))
+            if args.cache:
+                with open(args.cache, "w") as f:
+                    json.dump(cache, f)
         if args.forward_only:
             doc["texts"] = {}
         for name, eval_text in (() if args.forward_only else
                                 (("held-out", None), ("transformers", text_file))):
-            settings = RunSettings(model=model, rows=rows, eval_tokens=args.tokens,
+            decoded = [r for r in rows if r[0] in PASS_A or r[0].startswith("learned")]
+            settings = RunSettings(model=model, rows=decoded, eval_tokens=args.tokens,
                                    eval_text=eval_text, max_new_tokens=4,
                                    progress=not args.no_progress)
             report = run(settings, log=lambda s: print(s, file=sys.stderr))
@@ -265,10 +296,13 @@ def table(doc: dict, path: str) -> list[str]:
              "tests/test_learned_bias.py checks against token-by-token decode; 'resident' "
              f"prefers a {doc['slots_per_layer']}-slot LRU pool per layer, the budget's share), "
              "the routing replayed through the simulator's LRU (K, 2K: per layer; budget: one "
-             "global pool; KB/token: its misses). Pool KB/token and TPOT: "
-             f"{doc['tokens']} tokens decoded one at a time with the KV cache through "
-             "`remoe run`'s comparison (experts read from disk by the real pool under the "
-             "budget). Changes are against the original router on the same text.", ""]
+             "global pool; KB/token: its misses). Pool KB/token and TPOT (the main configurations "
+             f"and the learned ones): {doc['tokens']} tokens decoded one at a time with the KV "
+             "cache through `remoe run`'s comparison, in one interleaved run per text (experts "
+             "read from disk by the real pool under the budget). Changes are against the "
+             "original router on the same text. 'layer i only' and 'by hand' rows are not "
+             "learned: the fixed bias on one layer, and per-layer strengths set from those "
+             "probes.", ""]
     for text in doc["forward"]:
         lines += [f"*{text}*", "",
                   "| configuration | strength(s) | ppl (change) | EOR | LRU K / 2K / budget | "
@@ -380,6 +414,9 @@ def main() -> None:
     e.add_argument("--forward-tokens", type=int, default=16384,
                    help="tokens per text of pass B (batched, selection as at decode)")
     e.add_argument("--forward-only", action="store_true")
+    e.add_argument("--cache", default=None,
+                   help="JSON file of pass B rows already measured (read, then updated): a "
+                   "configuration is measured once however many runs ask for it")
     e.add_argument("--out", required=True)
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=evaluate)

@@ -103,6 +103,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ]:
         bias.add_argument("--bias-" + name.replace("_", "-"), type=float,
                           default=getattr(b, name), help=f"{help_text} ({getattr(b, name)})")
+    bias.add_argument("--bias-ce-gradient", choices=("straight-through", "spsa"),
+                      default=b.ce_gradient,
+                      help="how the cross-entropy's gradient reaches the strengths: the "
+                      "straight-through soft top-k, or a two-forward simultaneous-perturbation "
+                      f"estimate that also sees the displaced experts ({b.ce_gradient})")
+    bias.add_argument("--bias-spsa-c", type=float, default=b.spsa_c,
+                      help=f"perturbation size of --bias-ce-gradient spsa ({b.spsa_c})")
     bias.add_argument("--bias-steps", type=int, default=b.steps,
                       help=f"optimizer steps ({b.steps})")
     parser.add_argument("--no-resume", action="store_true",
@@ -173,7 +180,8 @@ def _learn_bias(args: argparse.Namespace, model_path) -> int:
     cfg = ReuseBiasConfig(source=args.learn_bias, slots=args.bias_slots,
                           per_expert=args.bias_per_expert, init=args.bias_init,
                           lambda_kl=args.bias_lambda_kl, lambda_reuse=args.bias_lambda_reuse,
-                          tau=args.bias_tau, lr=args.bias_lr, steps=args.bias_steps,
+                          tau=args.bias_tau, ce_gradient=args.bias_ce_gradient,
+                          spsa_c=args.bias_spsa_c, lr=args.bias_lr, steps=args.bias_steps,
                           batch=args.batch, seq_len=args.seq_len, seed=args.seed)
     try:
         cfg.validate()

@@ -343,7 +343,9 @@ def train_reuse_bias(model_path: str | os.PathLike, out: str | os.PathLike,
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, desc="remoe finetune (reuse bias)", disable=not progress,
                dynamic_ncols=True)
-    with BiasedRouting(model, strengths, cfg.source, cfg.slots, tau=cfg.tau) as routing:
+    spsa = cfg.ce_gradient == "spsa"
+    with BiasedRouting(model, strengths, cfg.source, cfg.slots,
+                       tau=None if spsa else cfg.tau) as routing:
         for step in range(1, cfg.steps + 1):
             gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4099)
             batch = sample_windows(train_stream, cfg.batch, cfg.seq_len, gen)
@@ -352,6 +354,9 @@ def train_reuse_bias(model_path: str | os.PathLike, out: str | os.PathLike,
             loss, logged = bias_loss(model, routing, batch, strengths, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if spsa:
+                ce_grad = spsa_ce_gradient(model, routing, batch, strengths, cfg.spsa_c, gen)
+                strengths.grad = ce_grad if strengths.grad is None else strengths.grad + ce_grad
             logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_([strengths],
                                                                        cfg.grad_clip))
             optimizer.step()
@@ -380,6 +385,30 @@ def train_reuse_bias(model_path: str | os.PathLike, out: str | os.PathLike,
     log("learned strengths per layer: "
         + ", ".join(f"{v:.4f}" for v in learned.strengths.mean(1).tolist()))
     return summary
+
+
+@torch.no_grad()
+def spsa_ce_gradient(model: nn.Module, routing: BiasedRouting, input_ids: torch.Tensor,
+                     strengths: torch.Tensor, c: float, generator: torch.Generator
+                     ) -> torch.Tensor:
+    """A simultaneous-perturbation estimate of d CE / d strengths on this batch:
+    (CE(s + c d) - CE(s - c d)) / (2 c) * d, d random signs (both sides clamped at 0, as the
+    strengths are). Two forwards without gradients, with the hard biased selection."""
+    signs = torch.randint(0, 2, strengths.shape, generator=generator).float() * 2 - 1
+    kept, tau = routing.strengths, routing.tau
+    ce = []
+    try:
+        routing.tau = None
+        for sign in (1.0, -1.0):
+            routing.strengths = (strengths.detach() + sign * c * signs).clamp_min(0.0)
+            routing.shape, routing.layers = tuple(input_ids.shape), []
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            ce.append(float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                            input_ids[:, 1:].reshape(-1))))
+    finally:
+        routing.strengths, routing.tau = kept, tau
+        routing.layers = []
+    return (ce[0] - ce[1]) / (2 * c) * signs
 
 
 def bias_loss(model: nn.Module, routing: BiasedRouting, input_ids: torch.Tensor,

@@ -125,6 +125,12 @@ class ReuseBiasConfig:
         lambda_reuse: weight of the reuse term -log(mean reuse mass of Q on the preferred set).
         tau: temperature of the soft top-k whose gradient stands in for the hard choice
             (straight-through), in selection-score units.
+        ce_gradient: how the cross-entropy's gradient reaches the strengths: "straight-through"
+            (the soft top-k above) or "spsa": a simultaneous-perturbation estimate from two more
+            forwards without gradients at strengths s +- c * delta (delta random signs), which
+            sees what the experts a choice displaces were worth (the straight-through gradient
+            only sees the chosen experts); the reuse and trust terms keep their exact gradient.
+        spsa_c: the perturbation size c of "spsa".
         steps, lr, lr_warmup, grad_clip, batch, seq_len, seed: the optimisation, as for ReMoE.
     """
 
@@ -135,6 +141,8 @@ class ReuseBiasConfig:
     lambda_kl: float = 1.0
     lambda_reuse: float = 0.1
     tau: float = 0.01
+    ce_gradient: str = "straight-through"
+    spsa_c: float = 0.01
     steps: int = 60
     lr: float = 2e-3
     lr_warmup: float = 0.1
@@ -147,6 +155,11 @@ class ReuseBiasConfig:
         """Raises ValueError naming the first bad value."""
         if self.source not in BIAS_SOURCES:
             raise ValueError(f"source must be one of {BIAS_SOURCES}, got {self.source!r}")
+        if self.ce_gradient not in ("straight-through", "spsa"):
+            raise ValueError(f"ce_gradient must be 'straight-through' or 'spsa', got "
+                             f"{self.ce_gradient!r}")
+        if not self.spsa_c > 0:
+            raise ValueError(f"spsa_c must be > 0, got {self.spsa_c}")
         for name in ("init", "lambda_kl", "lambda_reuse", "grad_clip"):
             if not getattr(self, name) >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
