@@ -221,3 +221,33 @@ def test_model_card_section_is_generated_from_the_committed_results():
     section = module.card_section(doc, str(pathlib.Path(results[-1]).relative_to(root)))
     card = (root / "remoe_engine" / "zoo" / "tiny" / "MODEL_CARD.md").read_text()
     assert section in card
+
+
+def test_spsa_estimate_is_the_difference_of_two_perturbed_forwards():
+    """spsa_ce_gradient = (CE(s + c d) - CE(s - c d)) / (2c) * d with the hard biased selection,
+    and the routing's strengths and temperature are restored after."""
+    import torch.nn.functional as F
+
+    from remoe_engine.finetune.bias import spsa_ce_gradient
+
+    model = _tiny()
+    L, _, _ = _moe_shape(model)
+    s = torch.nn.Parameter(torch.tensor([[0.02], [0.0], [0.05], [0.01]])[:L])
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator()
+                        .manual_seed(5))
+    with BiasedRouting(model, s, "resident", 4, tau=0.01) as routing:
+        est = spsa_ce_gradient(model, routing, ids, s, 0.01, torch.Generator().manual_seed(9))
+        assert routing.strengths is s and routing.tau == 0.01
+    signs = torch.randint(0, 2, s.shape, generator=torch.Generator().manual_seed(9)).float() * 2 - 1
+
+    def ce(strengths):
+        with torch.no_grad(), BiasedRouting(model, strengths, "resident", 4) as r:
+            r.shape = tuple(ids.shape)
+            logits = model(input_ids=ids, use_cache=False).logits
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                     ids[:, 1:].reshape(-1)))
+
+    expected = (ce((s.detach() + 0.01 * signs).clamp_min(0))
+                - ce((s.detach() - 0.01 * signs).clamp_min(0))) / 0.02 * signs
+    assert float(expected.abs().sum()) > 0  # the perturbation changes the choice and the CE
+    assert torch.allclose(est, expected, rtol=1e-5, atol=1e-7)
