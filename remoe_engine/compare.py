@@ -195,12 +195,14 @@ def _load_all(settings: RunSettings, packed: str, direct: bool, budget: int | No
     models = []
     for _, delta, bias, source in tqdm(configurations(settings), desc="loading", leave=False,
                                        disable=not settings.progress):
-        # router_delta: its router weights, and its learned reuse bias when it has one.
         model = remoe_engine.load(settings.model, store="disk", packed=packed, o_direct=direct,
                                   device=settings.device, dtype=COMPUTE_DTYPE,
                                   policy=settings.policy, prefetch=settings.prefetch,
-                                  reuse_bias=bias, bias_source=source, router_delta=delta,
-                                  **pool_size)
+                                  reuse_bias=bias, bias_source=source, **pool_size)
+        if delta is not None:
+            # Its router weights, and its learned reuse bias when it has one (installed in the
+            # loaded model's routers, replacing the bias given to load()).
+            remoe_engine.apply_router_delta(model, delta)
         models.append(model)
     return full, models
 
@@ -259,7 +261,7 @@ def _lru_hit_rates(routing, top_k: int, total_slots: int | None) -> dict:
 def _row(name: str, delta: str | None, settings: RunSettings,
          result: evaluation.DecodeResult, model, text: str, t_compute: float,
          bandwidth: float, top_k: int, total_slots: int | None) -> RowResult:
-    from remoe_engine.finetune.delta import LEARNED_ATTR
+    from remoe_engine.router import LEARNED_ATTR
 
     steps, counts = result.steps, result.counts
     learned = getattr(model, LEARNED_ATTR, None)

@@ -146,9 +146,7 @@ def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device
         handle._restore.append(lambda e=block.experts: e.__dict__.pop("_remoe", None))
     learned = getattr(model, "_remoe_learned_bias", None)  # from apply_router_delta()
     if learned is not None:
-        from remoe_engine.finetune.delta import install_learned_bias
-
-        install_learned_bias(model, learned)
+        router_impl.install_learned_bias(model, learned)
         handle.reuse_bias, handle.bias_source = float(learned.strengths.max()), learned.source
     # The routers see tokens flattened to [T, H]; the "previous" bias source needs the sequence
     # shape, and must forget the previous tokens' experts when a forward starts new sequences.
@@ -513,7 +511,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
          dtype: torch.dtype | None = None, store: str = "disk", policy: str = "lru",
          reuse_bias: float = 0.0, bias_source: str = "resident", packed: str | None = None,
          num_threads: int = 4, o_direct: bool | str = "auto", prefetch: bool = False,
-         router_delta: str | os.PathLike | None = None, **from_pretrained_kwargs) -> nn.Module:
+         **from_pretrained_kwargs) -> nn.Module:
     """Load a transformers MoE checkpoint without ever materializing its experts.
 
     Args:
@@ -531,9 +529,6 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
         num_threads: reader threads of the pool (concurrent storage reads).
         o_direct: read expert files with O_DIRECT, bypassing the page cache: "auto" (default:
             where the filesystem supports it, else buffered), True (required) or False.
-        router_delta: a router delta to apply (`apply_router_delta`): its router weights, and its
-            learned reuse bias when it carries one (which then replaces `reuse_bias` and
-            `bias_source`).
     Returns:
         the transformers model; `model.remoe` is its Handle.
 
@@ -585,8 +580,4 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
     _attach(model, blocks, pool, device, reuse_bias=reuse_bias, bias_source=bias_source,
             handle=handle, prefetch=prefetch)
     model.remoe = handle
-    if router_delta is not None:
-        from remoe_engine.finetune.delta import apply_router_delta
-
-        apply_router_delta(model, router_delta)
     return model

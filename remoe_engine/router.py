@@ -186,6 +186,42 @@ def route_preferring(logits: torch.Tensor, top_k: int, prefer: torch.Tensor, reu
     return torch.cat([w for w, _ in rows]), torch.cat([i for _, i in rows])
 
 
+# Attribute of a model holding the learned reuse bias a router delta gave it, for a later
+# patch()/load().
+LEARNED_ATTR = "_remoe_learned_bias"
+
+
+def install_learned_bias(model: nn.Module, learned) -> None:
+    """Give a model's routers learned strengths (a `finetune.bias.LearnedBias`, as a router
+    delta ships them): the patched routers of a model under
+    `patch()`/`load()` now, and a later `patch()` through the model's attribute.
+
+    Raises:
+        ValueError: strengths for another number of MoE layers or experts, or routers whose
+            routing `route_topk` cannot reproduce (no bias possible).
+    """
+    from remoe_engine.families import find_moe_blocks
+
+    blocks = find_moe_blocks(model)
+    learned.check_model(len(blocks), int(blocks[0].experts.num_experts))
+    setattr(model, LEARNED_ATTR, learned)
+    for i, block in enumerate(blocks):
+        state = getattr(block.router, "_remoe", None)
+        if state is None:
+            continue  # not patched: patch() applies it from the model's attribute
+        if state.spec is None:
+            raise ValueError(f"{type(model).__name__}: route_topk cannot reproduce this router, "
+                             "so it cannot take the delta's reuse bias")
+        scalar, vector = learned.layer(i)
+        device = next(block.router.parameters()).device
+        state.reuse_bias, state.bias_source = scalar, learned.source
+        state.reuse_strengths = None if vector is None else vector.to(device)
+    handle = getattr(model, "remoe", None)
+    if handle is not None and hasattr(handle, "bias_source"):
+        handle.reuse_bias = float(learned.strengths.max())
+        handle.bias_source = learned.source
+
+
 def unbiased_ids(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The top-k ids an installed router would choose for `hidden` [..., H] with no reuse bias:
     the family's exact rule (group limits, correction bias included), without touching the

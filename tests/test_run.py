@@ -36,8 +36,9 @@ def test_report_fields(report):
     assert report["read_bandwidth_gbps"] > 0 and report["compute_floor_ms"] > 0
     assert report["eval_tokens"] == 24 and report["max_new_tokens"] == 5
     names = [row["name"] for row in report["rows"]]
-    # The built-in model ships a ReMoE router delta and a recommended bias (its card).
-    assert names == ["original", "remoe", "original+bias", "remoe+bias"]
+    # The built-in model ships a ReMoE router delta, a recommended bias (its card) and a learned
+    # reuse bias (reuse-bias-delta.safetensors).
+    assert names == ["original", "remoe", "original+bias", "remoe+bias", "learned"]
     assert report["router_delta"].endswith("router-delta.safetensors")
     for row in report["rows"]:
         assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
@@ -55,10 +56,11 @@ def test_report_fields(report):
         assert all(0.0 <= v <= 1.0 for v in row["lru_hit_rates"].values())
     assert report["rows"][0]["topk_agreement"] == 1.0
     card = json.loads((zoo.path("tiny") / "card.json").read_text())["remoe"]
-    for row in report["rows"][2:]:
+    for row in report["rows"][2:4]:
         assert row["reuse_bias"] == card["recommended_reuse_bias"]
         assert row["bias_source"] == card["recommended_bias_source"]
-    assert [row["router"] for row in report["rows"]] == ["original", "remoe"] * 2
+    assert [row["router"] for row in report["rows"]] == ["original", "remoe"] * 2 + ["learned"]
+    assert report["rows"][4]["bias_source"] == "resident" and report["rows"][4]["reuse_bias"] > 0
     assert report["prefetch"] is False and all(r["stats"]["prefetches"] == 0
                                                for r in report["rows"])
 

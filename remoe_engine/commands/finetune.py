@@ -83,8 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with the selection inference applies, against the loss CE + KL(biased || original "
         "selection) - reuse mass of the preferred experts. Writes router-delta.safetensors with "
         "the router weights and the strengths; remoe run --learned-delta and "
-        "remoe_engine.load(..., router_delta=...) apply it. --batch, --seq-len and --seed apply; "
-        "the other ReMoE options do not.")
+        "remoe_engine.apply_router_delta() on a loaded model apply it. --batch, --seq-len and "
+        "--seed apply; the other ReMoE options do not.")
     bias.add_argument("--learn-bias", choices=BIAS_SOURCES, default=None,
                       help="what the bias prefers: the previous token's experts, or the experts "
                       "resident in an LRU pool of --bias-slots slots per layer")

@@ -27,7 +27,7 @@ the same op call), on teacher-forced training windows:
   raising the preferred experts near the boundary (and lowering the others there) helps.
 
 The result ships in a router delta (`delta.save_router_delta(..., reuse_bias=...)`), applied by
-`apply_router_delta` and `remoe_engine.load(..., router_delta=...)` / `patch(...)`.
+`apply_router_delta` on a model from `remoe_engine.load()` or `patch()` (or before `patch()`).
 
 Legend: B = sequences, S = tokens per sequence, L = MoE layers, E = experts, K = top-k.
 """

@@ -24,8 +24,9 @@ from remoe_engine.families import find_moe_blocks
 
 DELTA_NAME = "router-delta.safetensors"
 STRENGTHS_NAME = "remoe.reuse_bias.strengths"
-# Attribute of a model holding the LearnedBias a delta gave it, for a later patch()/load().
-LEARNED_ATTR = "_remoe_learned_bias"
+# install_learned_bias and LEARNED_ATTR live with the routers they configure (router.py, a layer
+# below fine-tuning, where patch()/load() reach them); re-exported here.
+from remoe_engine.router import LEARNED_ATTR, install_learned_bias  # noqa: E402,F401
 
 
 def router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -119,34 +120,6 @@ def read_learned_bias(path: str | os.PathLike):
     """The learned reuse bias of a router-delta file, or None when it has none."""
     tensors, meta = read_router_delta(path)
     return learned_bias_of(tensors, meta)
-
-
-def install_learned_bias(model: nn.Module, learned) -> None:
-    """Give a model's routers the learned strengths: the patched routers of a model under
-    `patch()`/`load()` now, and a later `patch()` through the model's attribute.
-
-    Raises:
-        ValueError: strengths for another number of MoE layers or experts, or routers whose
-            routing `route_topk` cannot reproduce (no bias possible).
-    """
-    blocks = find_moe_blocks(model)
-    learned.check_model(len(blocks), int(blocks[0].experts.num_experts))
-    setattr(model, LEARNED_ATTR, learned)
-    for i, block in enumerate(blocks):
-        state = getattr(block.router, "_remoe", None)
-        if state is None:
-            continue  # not patched: patch() applies it from the model's attribute
-        if state.spec is None:
-            raise ValueError(f"{type(model).__name__}: route_topk cannot reproduce this router, "
-                             "so it cannot take the delta's reuse bias")
-        scalar, vector = learned.layer(i)
-        device = next(block.router.parameters()).device
-        state.reuse_bias, state.bias_source = scalar, learned.source
-        state.reuse_strengths = None if vector is None else vector.to(device)
-    handle = getattr(model, "remoe", None)
-    if handle is not None and hasattr(handle, "bias_source"):
-        handle.reuse_bias = float(learned.strengths.max())
-        handle.bias_source = learned.source
 
 
 def read_router_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
