@@ -235,6 +235,7 @@ def evaluate(args) -> None:
                 with open(args.out) as f:
                     earlier = json.load(f)
                 doc["texts"], doc["tokens"] = earlier.get("texts", {}), earlier.get("tokens")
+                doc["decode_command"] = earlier.get("decode_command", earlier.get("command"))
         for name, eval_text in (() if args.forward_only else
                                 (("held-out", None), ("transformers", text_file))):
             decoded = [r for r in rows if r[0] in PASS_A or r[0].startswith("learned")]
@@ -349,7 +350,7 @@ def plot(doc: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(doc["forward"])
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.6), dpi=110)
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names) + 3, 4.6), dpi=110)
     for ax, t in zip(axes, names, strict=True):
         changes = _changes(doc, t)
         groups: dict[str, list] = {}
@@ -375,11 +376,11 @@ def plot(doc: dict, path: str) -> None:
         base_kb = changes[0]["kb"]
         ax.axhline(TARGET_PPL, color="grey", lw=0.8, ls=":")
         ax.axvline(base_kb * (1 + TARGET_KB / 100), color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("KB read per token at the remoe run budget")
+        ax.set_xlabel("KB read per token at the remoe run budget (LRU replay)")
         ax.set_ylabel("perplexity change vs original (%)")
         ax.set_title(f"{t} ({doc['forward_tokens']} tokens)", fontsize=10)
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Bytes per token vs perplexity (dotted: the issue's target, lower-left wins)",
                  fontsize=10)
     fig.tight_layout()
