@@ -407,16 +407,22 @@ def card_section(doc: dict, path: str) -> str:
 
 
 def write_card(section: str, card: str = CARD) -> None:
+    """Put the section into the card, before the ReMoE section (which
+    bench/experiments/finetune_sweep.py keeps at the end of the card), replacing an earlier one."""
     with open(card) as f:
         text = f.read()
     if CARD_BEGIN in text:
         head, rest = text.split(CARD_BEGIN, 1)
         _, tail = rest.split(CARD_END, 1)
-        text = head + section + tail
+        text = head.rstrip("\n") + "\n\n" + tail.lstrip("\n")
+    remoe = "<!-- remoe-finetune:begin"
+    if remoe in text:
+        head, tail = text.split(remoe, 1)
+        text = head.rstrip("\n") + "\n\n" + section + "\n\n" + remoe + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(card, "w") as f:
-        f.write(text)
+        f.write(text.rstrip("\n") + "\n")
 
 
 def report(args) -> None:

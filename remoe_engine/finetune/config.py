@@ -113,6 +113,11 @@ class ReuseBiasConfig:
     """A learned reuse bias run (`remoe_engine.finetune.bias`): the router weights stay as they
     are; only the strengths of the reuse bias train.
 
+    The defaults are the recipe of the built-in model's shipped `reuse-bias-delta.safetensors`
+    (with source "resident", slots 8; `bench/results/learned-bias-cpu-2026-11-30.json`): the
+    SPSA estimate of the cross-entropy's gradient, not the straight-through one, is what moved
+    the strengths away from uniform there.
+
     Args:
         source: what the bias prefers, as at inference: "previous" (the experts the previous
             token of the sequence chose at the layer) or "resident" (the experts resident in an
@@ -137,14 +142,14 @@ class ReuseBiasConfig:
     source: str = "previous"
     slots: int = 8
     per_expert: bool = False
-    init: float = 0.01
+    init: float = 0.03
     lambda_kl: float = 1.0
-    lambda_reuse: float = 0.1
+    lambda_reuse: float = 0.5
     tau: float = 0.01
-    ce_gradient: str = "straight-through"
+    ce_gradient: str = "spsa"
     spsa_c: float = 0.01
-    steps: int = 60
-    lr: float = 2e-3
+    steps: int = 30
+    lr: float = 1e-3
     lr_warmup: float = 0.1
     grad_clip: float = 1.0
     batch: int = 8
