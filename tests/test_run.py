@@ -67,7 +67,8 @@ def test_report_fields(report):
 
 def test_prefetch_option_reads_guesses_too(capsys):
     assert cli.main(["run", "--json", "--max-new-tokens", "3", "--eval-tokens", "24",
-                     "--prefetch", "--router-delta", "none", "--reuse-bias", "0"]) == 0
+                     "--prefetch", "--router-delta", "none", "--learned-delta", "none",
+                     "--reuse-bias", "0"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prefetch"] is True
     (row,) = report["rows"]
