@@ -203,6 +203,26 @@ def dequant_table() -> list[str]:
     return lines
 
 
+def learned_bias_table() -> list[str]:
+    """Issue 16's comparison (bench/experiments/learned_bias.py writes the results and owns the
+    table, so the README and the model card show the same one)."""
+    found = _latest("learned-bias-*.json")
+    if not found:
+        return []
+    path, data = found
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "learned_bias", os.path.join(ROOT, "bench", "experiments", "learned_bias.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return (module.table(data, path)
+            + ["", "Against the target (perplexity within +0.5% on both texts, KB read per token "
+               "at the budget at least 35% below the original router):", ""]
+            + module.verdict(data)
+            + ["", "![KB read per token against perplexity](docs/img/learned_bias_pareto.png)"])
+
+
 def families_table() -> list[str]:
     found = _latest("families-*.json")
     if not found:
@@ -380,8 +400,9 @@ def scale_table(found: tuple[str, dict] | None = None) -> list[str]:
 
 
 def render() -> str:
-    blocks = [table for table in (run_table(), *quantize_tables(), dequant_table(), serve_table(),
-                                  experts_table(), families_table(), routing_table(),
+    blocks = [table for table in (run_table(), learned_bias_table(), *quantize_tables(),
+                                  dequant_table(), serve_table(), experts_table(),
+                                  families_table(), routing_table(),
                                   pool_table(), e2e_table(), prefetch_table(), scale_table(),
                                   gpu_table())
               if table]

@@ -46,6 +46,13 @@ class RunSettings:
     reuse_bias: float = 0.05
     bias_source: str = "resident"
     router_delta: str | None = None  # a file; None: no "remoe" rows
+    # A router delta carrying a learned reuse bias (`remoe finetune --learn-bias`); None: no
+    # "learned" row.
+    learned_delta: str | None = None
+    # Explicit rows (name, router delta or None, reuse bias, bias source[, compressed scheme])
+    # replacing the default
+    # set (`configurations`); for comparisons such as bench/experiments/learned_bias.py.
+    rows: list | None = None
     device: str = "cpu"
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 48
@@ -77,6 +84,9 @@ class RowResult:
     eor: float | None = None
     topk_agreement: float | None = None
     text: str = ""
+    # The decoded routing replayed through the simulator's LRU: per-layer caches of K and 2K
+    # slots ("K", "2K") and one global cache of the budget's slots ("budget", when a budget).
+    lru_hit_rates: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
 
 
@@ -105,17 +115,27 @@ def pool_budget(store: ExpertStore, settings: RunSettings, top_k: int) -> int | 
     return settings.memory_budget
 
 
-def configurations(settings: RunSettings) -> list[tuple[str, str | None, float, str | None]]:
-    """(name, router delta file or None, reuse bias, compressed scheme or None) of each row, in
-    table order."""
-    configs = [("original", None, 0.0, None)]
+def configurations(settings: RunSettings
+                   ) -> list[tuple[str, str | None, float, str, str | None]]:
+    """(name, router delta file or None, reuse bias, bias source, compressed scheme or None) of
+    each row, in table order.
+
+    A delta that carries a learned reuse bias brings its own strengths and source (the bias
+    given here is then not used)."""
+    if settings.rows is not None:  # (name, delta, bias, source[, scheme])
+        return [tuple(r) if len(r) == 5 else (*r, None) for r in settings.rows]
+    source = settings.bias_source
+    configs = [("original", None, 0.0, source, None)]
     if settings.router_delta is not None:
-        configs.append(("remoe", settings.router_delta, 0.0, None))
+        configs.append(("remoe", settings.router_delta, 0.0, source, None))
     if settings.reuse_bias > 0:
-        configs.append(("original+bias", None, settings.reuse_bias, None))
+        configs.append(("original+bias", None, settings.reuse_bias, source, None))
         if settings.router_delta is not None:
-            configs.append(("remoe+bias", settings.router_delta, settings.reuse_bias, None))
-    configs += [(f"original@{scheme}", None, 0.0, scheme) for scheme in settings.quantize]
+            configs.append(("remoe+bias", settings.router_delta, settings.reuse_bias, source,
+                            None))
+    if settings.learned_delta is not None:
+        configs.append(("learned", settings.learned_delta, 0.0, source, None))
+    configs += [(f"original@{scheme}", None, 0.0, source, scheme) for scheme in settings.quantize]
     return configs
 
 
@@ -155,9 +175,10 @@ def run(settings: RunSettings, log=print) -> dict:
             label=f"decoding {tokens.shape[1] - 1} tokens x {len(models) + 1} models")
         floor_steps = results[0].steps
         t_compute = statistics.median(floor_steps)
-        rows = [_row(name, delta, bias, scheme, settings, result, model, text, t_compute,
-                     bandwidth)
-                for (name, delta, bias, scheme), result, model, text in zip(
+        total_slots = None if budget is None else budget // pool_slot_bytes(store)
+        rows = [_row(name, delta, scheme, settings, result, model, text, t_compute, bandwidth,
+                     top_k, total_slots)
+                for (name, delta, _, _, scheme), result, model, text in zip(
                     configurations(settings), results[1:], models, texts, strict=True)]
         del full, models
 
@@ -187,14 +208,16 @@ def _load_all(settings: RunSettings, packed: dict, direct: bool, budget: int | N
     pool_size = (dict(memory_budget=budget) if budget is not None
                  else dict(slots_per_layer=settings.slots_per_layer))
     models = []
-    for _, delta, bias, scheme in tqdm(configurations(settings), desc="loading", leave=False,
-                                       disable=not settings.progress):
+    for _, delta, bias, source, scheme in tqdm(configurations(settings), desc="loading",
+                                               leave=False, disable=not settings.progress):
         model = remoe_engine.load(settings.model, store="disk", packed=packed[scheme],
                                   o_direct=direct,
                                   device=settings.device, dtype=COMPUTE_DTYPE,
                                   policy=settings.policy, prefetch=settings.prefetch,
-                                  reuse_bias=bias, bias_source=settings.bias_source, **pool_size)
+                                  reuse_bias=bias, bias_source=source, **pool_size)
         if delta is not None:
+            # Its router weights, and its learned reuse bias when it has one (installed in the
+            # loaded model's routers, replacing the bias given to load()).
             remoe_engine.apply_router_delta(model, delta)
         models.append(model)
     return full, models
@@ -239,18 +262,35 @@ def _tokens_to_decode(settings: RunSettings, tokenizer, original) -> torch.Tenso
     return out[:, : settings.eval_tokens].cpu()
 
 
-def _row(name: str, delta: str | None, bias: float, scheme: str | None, settings: RunSettings,
+def _lru_hit_rates(routing, top_k: int, total_slots: int | None) -> dict:
+    """The decoded routing replayed through the simulator's LRU (see RowResult)."""
+    from remoe_engine import sim
+
+    rates = {}
+    per_layer = {r.slots: r.hit_rate for r in sim.sweep(routing, ["lru"], [top_k, 2 * top_k])}
+    rates["K"], rates["2K"] = per_layer[top_k], per_layer[2 * top_k]
+    if total_slots is not None and total_slots >= top_k:
+        rates["budget"] = sim.sweep(routing, ["lru"], [total_slots], scope="global")[0].hit_rate
+    return rates
+
+
+def _row(name: str, delta: str | None, scheme: str | None, settings: RunSettings,
          result: evaluation.DecodeResult, model, text: str, t_compute: float,
-         bandwidth: float) -> RowResult:
+         bandwidth: float, top_k: int, total_slots: int | None) -> RowResult:
+    from remoe_engine.router import LEARNED_ATTR
+
     steps, counts = result.steps, result.counts
+    learned = getattr(model, LEARNED_ATTR, None)
+    handle = model.remoe
+    bias = handle.reuse_bias
     decoded = len(steps)
     tpot = statistics.median(steps)
     lookups = counts["hits"] + counts["misses"]
     bytes_per_token = counts["bytes_read"] / decoded
     return RowResult(
-        name=name, router="remoe" if delta else "original", reuse_bias=bias,
-        bias_source=settings.bias_source if bias else None, text=text, quantize=scheme,
-        blob_bytes=model.remoe.pool.store.blob_bytes,
+        name=name, router="learned" if learned is not None else "remoe" if delta else "original",
+        reuse_bias=bias, bias_source=handle.bias_source if bias else None, text=text,
+        quantize=scheme, blob_bytes=handle.pool.store.blob_bytes,
         tokens_per_s=1.0 / tpot, tpot_ms=tpot * 1e3,
         tpot_p90_ms=sorted(steps)[int(0.9 * (decoded - 1))] * 1e3,
         floor_ms=max(t_compute, bytes_per_token / bandwidth) * 1e3,
@@ -258,6 +298,7 @@ def _row(name: str, delta: str | None, bias: float, scheme: str | None, settings
         bytes_read_per_token=bytes_per_token, misses_per_token=counts["misses"] / decoded,
         perplexity=result.perplexity, eor=metrics.expert_reuse(result.routing).eor,
         topk_agreement=result.agreement.topk_agreement,
+        lru_hit_rates=_lru_hit_rates(result.routing, top_k, total_slots),
         stats={k: v for k, v in model.remoe.stats().items() if k != "per_layer"})
 
 
@@ -266,6 +307,8 @@ original     the checkpoint's own router
 remoe        the router delta shipped with the model (router-delta.safetensors: ReMoE
              fine-tuning, only router weights changed)
 +bias        the cache-aware reuse bias (column "bias") toward {source} experts
+learned      a reuse bias whose strengths were trained (remoe finetune --learn-bias; column
+             "bias": the largest strength)
 @SCHEME      experts packed compressed (remoe pack --quantize SCHEME), dequantized into the
              slots (compute dtype) as each one loads
 floor        max(TPOT with every expert resident, KB read per token / read bandwidth),

@@ -167,6 +167,10 @@ def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device
             next_layer=None if following is None else (following.layer_idx, following.router))
         handle._experts_states.append(block.experts._remoe)
         handle._restore.append(lambda e=block.experts: e.__dict__.pop("_remoe", None))
+    learned = getattr(model, router_impl.LEARNED_ATTR, None)  # from apply_router_delta()
+    if learned is not None:
+        router_impl.install_learned_bias(model, learned)
+        handle.reuse_bias, handle.bias_source = float(learned.strengths.max()), learned.source
     # The routers see tokens flattened to [T, H]; the "previous" bias source needs the sequence
     # shape, and must forget the previous tokens' experts when a forward starts new sequences.
     # One pre-hook on the decoder sees both (its input ids and its cache) once per forward.

@@ -9,6 +9,10 @@ Cache-aware routing: with `reuse_bias > 0` the selection score of preferred expe
 bias; `bias_source="resident"` prefers the experts in the slot pool now, `"previous"` the experts
 the previous token of the same sequence chose at this layer (reproducible whatever the cache
 state). The weights always come from the unbiased scores.
+
+A learned reuse bias (`remoe_engine.finetune.bias`, shipped in a router delta) sets each
+router's `reuse_bias` to its layer's learned strength, or `reuse_strengths` to one strength per
+expert; `route_preferring` is the one selection rule both training and inference call.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ class RouterState:
     # cache, see offload._Sequences) under this router's `index`; absent at a sequence start.
     sequence_previous: dict = field(default_factory=dict)
     index: int = 0
+    # Learned per-expert strengths float32 [E] (None: the scalar `reuse_bias` for every expert).
+    # When set, `reuse_bias` holds their largest value: 0 turns the bias off as for a scalar.
+    reuse_strengths: torch.Tensor | None = None
     # Top-k agreement with the unbiased router, counted when the bias is on. `agree` stays a
     # tensor on the logits' device (summed without a host sync; read in Handle.stats()).
     agree: torch.Tensor | int = 0
@@ -94,7 +101,8 @@ def _patched_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         weights, ids = route_topk(logits, spec.top_k, **op_kwargs)
     elif state.bias_source == "resident":
         prefer = state.resident()  # [E] bool
-        weights, ids = route_topk(logits, spec.top_k, prefer=prefer, reuse_bias=bias, **op_kwargs)
+        weights, ids = route_preferring(logits, spec.top_k, prefer, state.reuse_bias,
+                                        state.reuse_strengths, **op_kwargs)
     else:
         weights, ids = _route_with_previous(state, logits, op_kwargs)
     if bias != 0.0:
@@ -124,6 +132,8 @@ def _route_with_previous(state: RouterState, logits: torch.Tensor, kwargs: dict)
     previous = state.sequence_previous.get(state.index)
     if previous is not None and previous.shape[0] != B:
         previous = None
+    if state.reuse_strengths is not None:
+        return _route_with_previous_strengths(state, logits.view(B, S, E), previous, kwargs)
     per_seq = logits.view(B, S, E)
     weights, ids = route_topk_previous(per_seq, K, previous=previous,
                                        reuse_bias=state.reuse_bias, **kwargs)
@@ -139,6 +149,104 @@ def _route_with_previous(state: RouterState, logits: torch.Tensor, kwargs: dict)
                                 reuse_bias=state.reuse_bias, **kwargs)
         return weights, ids.view(T, K)
     return weights.view(T, K), ids.view(T, K)
+
+
+def _route_with_previous_strengths(state: RouterState, per_seq: torch.Tensor,
+                                   previous: torch.Tensor | None, kwargs: dict):
+    """`_route_with_previous` for a learned per-expert reuse bias (`state.reuse_strengths`):
+    `route_topk_previous` takes one scalar bias, so the S positions are walked here, all B
+    sequences at once (a few launches per position at prefill; decode is one position)."""
+    B, S, E = per_seq.shape
+    K = state.spec.top_k
+    weights = per_seq.new_empty(B, S, K, dtype=torch.float32)
+    ids = torch.empty(B, S, K, dtype=torch.int64, device=per_seq.device)
+    for s in range(S):
+        if previous is None:
+            w, i = route_topk(per_seq[:, s], K, **kwargs)
+        else:
+            prefer = torch.zeros(B, E, dtype=torch.bool, device=per_seq.device)
+            prefer.scatter_(1, previous, True)
+            w, i = route_preferring(per_seq[:, s], K, prefer, state.reuse_bias,
+                                    state.reuse_strengths, **kwargs)
+        weights[:, s], ids[:, s] = w, i
+        previous = i
+    state.sequence_previous[state.index] = previous
+    return weights.view(B * S, K), ids.view(B * S, K)
+
+
+def route_preferring(logits: torch.Tensor, top_k: int, prefer: torch.Tensor, reuse_bias: float,
+                     strengths: torch.Tensor | None = None, **op_kwargs
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route_topk` with the preferred experts' selection scores raised: by `reuse_bias`, or,
+    with `strengths` [E], by each expert's own strength.
+
+    A per-expert strength is folded into route_topk's `correction_bias` (which, like the reuse
+    bias, is added to the selection score only): `strengths * prefer` plus the family's own
+    correction. The op computes score + correction + 0 where route_topk's reuse bias computes
+    score + 0 + bias, the same float, so strengths all equal to b select exactly what
+    `reuse_bias=b` selects. A per-token prefer [T, E] with T > 1 routes row by row (the
+    correction is one [E] vector per call).
+
+    Args:
+        logits: router logits [T, E].
+        top_k: K.
+        prefer: bool [E] or [T, E].
+        reuse_bias: the scalar bias (used when `strengths` is None).
+        strengths: float32 [E] on the logits' device, or None.
+        op_kwargs: the family's route_topk arguments (`RoutingSpec.op_kwargs`).
+
+    Returns:
+        (weights [T, K], ids [T, K]) as route_topk returns them.
+    """
+    if strengths is None:
+        return route_topk(logits, top_k, prefer=prefer, reuse_bias=reuse_bias, **op_kwargs)
+    base = op_kwargs.pop("correction_bias", None)
+
+    def corrected(row_prefer: torch.Tensor) -> torch.Tensor:
+        bias = strengths * row_prefer.reshape(-1).to(strengths.dtype)
+        return bias if base is None else base + bias
+
+    if prefer.dim() == 1 or prefer.shape[0] == 1:
+        return route_topk(logits, top_k, correction_bias=corrected(prefer), **op_kwargs)
+    rows = [route_topk(logits[t : t + 1], top_k, correction_bias=corrected(prefer[t]),
+                       **op_kwargs) for t in range(logits.shape[0])]
+    return torch.cat([w for w, _ in rows]), torch.cat([i for _, i in rows])
+
+
+# Attribute of a model holding the learned reuse bias a router delta gave it, for a later
+# patch()/load().
+LEARNED_ATTR = "_remoe_learned_bias"
+
+
+def install_learned_bias(model: nn.Module, learned) -> None:
+    """Give a model's routers learned strengths (a `finetune.bias.LearnedBias`, as a router
+    delta ships them): the patched routers of a model under
+    `patch()`/`load()` now, and a later `patch()` through the model's attribute.
+
+    Raises:
+        ValueError: strengths for another number of MoE layers or experts, or routers whose
+            routing `route_topk` cannot reproduce (no bias possible).
+    """
+    from remoe_engine.families import find_moe_blocks
+
+    blocks = find_moe_blocks(model)
+    learned.check_model(len(blocks), int(blocks[0].experts.num_experts))
+    setattr(model, LEARNED_ATTR, learned)
+    for i, block in enumerate(blocks):
+        state = getattr(block.router, "_remoe", None)
+        if state is None:
+            continue  # not patched: patch() applies it from the model's attribute
+        if state.spec is None:
+            raise ValueError(f"{type(model).__name__}: route_topk cannot reproduce this router, "
+                             "so it cannot take the delta's reuse bias")
+        scalar, vector = learned.layer(i)
+        device = next(block.router.parameters()).device
+        state.reuse_bias, state.bias_source = scalar, learned.source
+        state.reuse_strengths = None if vector is None else vector.to(device)
+    handle = getattr(model, "remoe", None)
+    if handle is not None and hasattr(handle, "bias_source"):
+        handle.reuse_bias = float(learned.strengths.max())
+        handle.bias_source = learned.source
 
 
 def unbiased_ids(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -269,6 +269,32 @@ def test_cli_errors_are_one_line(base, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("source,ce_gradient", [("previous", "straight-through"),
+                                               ("resident", "spsa")])
+def test_cli_learn_bias_writes_a_delta_with_strengths_and_the_routers_unchanged(
+        base, tmp_path, source, ce_gradient):
+    out = tmp_path / "lb"
+    assert cli_main(["finetune", "--model", str(base / "base"), "--out", str(out),
+                     "--data", str(base / "train.txt"), "--learn-bias", source,
+                     "--bias-slots", "4", "--bias-steps", "2", "--batch", "2", "--seq-len", "16",
+                     "--bias-per-expert", "--bias-ce-gradient", ce_gradient,
+                     "--no-progress"]) == 0
+    learned = fdelta.read_learned_bias(out / fdelta.DELTA_NAME)
+    assert learned.source == source and learned.per_expert
+    assert learned.slots == (4 if source == "resident" else None)
+    assert bool((learned.strengths >= 0).all())
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base / "base")
+    tensors = delta_tensors(out)
+    assert set(tensors) == set(fdelta.router_parameters(model)) | {fdelta.STRENGTHS_NAME}
+    for name, p in fdelta.router_parameters(model).items():
+        assert torch.equal(tensors[name], p.detach())
+    summary = __import__("json").loads((out / "remoe-finetune.json").read_text())
+    assert len(summary["history"]) == 2 and summary["config"]["source"] == source
+
+
 def test_jsonl_data(base, tmp_path):
     from remoe_engine.finetune.data import DataError, read_texts
 

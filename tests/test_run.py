@@ -10,7 +10,7 @@ from remoe_engine import cli, zoo
 
 ROW_FIELDS = {"name", "router", "reuse_bias", "bias_source", "tokens_per_s", "tpot_ms",
               "tpot_p90_ms", "floor_ms", "hit_rate", "bytes_read_per_token", "misses_per_token",
-              "perplexity", "eor", "topk_agreement", "text", "stats"}
+              "perplexity", "eor", "topk_agreement", "text", "lru_hit_rates", "stats"}
 
 pytestmark = pytest.mark.slow  # each test runs remoe or a subprocess
 
@@ -36,8 +36,9 @@ def test_report_fields(report):
     assert report["read_bandwidth_gbps"] > 0 and report["compute_floor_ms"] > 0
     assert report["eval_tokens"] == 24 and report["max_new_tokens"] == 5
     names = [row["name"] for row in report["rows"]]
-    # The built-in model ships a ReMoE router delta and a recommended bias (its card).
-    assert names == ["original", "remoe", "original+bias", "remoe+bias"]
+    # The built-in model ships a ReMoE router delta, a recommended bias (its card) and a learned
+    # reuse bias (reuse-bias-delta.safetensors).
+    assert names == ["original", "remoe", "original+bias", "remoe+bias", "learned"]
     assert report["router_delta"].endswith("router-delta.safetensors")
     for row in report["rows"]:
         assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
@@ -51,19 +52,23 @@ def test_report_fields(report):
         assert row["perplexity"] > 1.0
         assert 0.0 <= row["eor"] <= 1.0 and 0.0 <= row["topk_agreement"] <= 1.0
         assert isinstance(row["text"], str)
+        assert set(row["lru_hit_rates"]) == {"K", "2K", "budget"}
+        assert all(0.0 <= v <= 1.0 for v in row["lru_hit_rates"].values())
     assert report["rows"][0]["topk_agreement"] == 1.0
     card = json.loads((zoo.path("tiny") / "card.json").read_text())["remoe"]
-    for row in report["rows"][2:]:
+    for row in report["rows"][2:4]:
         assert row["reuse_bias"] == card["recommended_reuse_bias"]
         assert row["bias_source"] == card["recommended_bias_source"]
-    assert [row["router"] for row in report["rows"]] == ["original", "remoe"] * 2
+    assert [row["router"] for row in report["rows"]] == ["original", "remoe"] * 2 + ["learned"]
+    assert report["rows"][4]["bias_source"] == "resident" and report["rows"][4]["reuse_bias"] > 0
     assert report["prefetch"] is False and all(r["stats"]["prefetches"] == 0
                                                for r in report["rows"])
 
 
 def test_prefetch_option_reads_guesses_too(capsys):
     assert cli.main(["run", "--json", "--max-new-tokens", "3", "--eval-tokens", "24",
-                     "--prefetch", "--router-delta", "none", "--reuse-bias", "0"]) == 0
+                     "--prefetch", "--router-delta", "none", "--learned-delta", "none",
+                     "--reuse-bias", "0"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prefetch"] is True
     (row,) = report["rows"]
@@ -144,3 +149,46 @@ def test_quantize_adds_one_row_per_scheme(capsys):
 def test_quantize_refuses_an_unknown_scheme(capsys):
     assert cli.main(["run", "--quantize", "int8,int3"]) == 2
     assert "--quantize 'int3'" in capsys.readouterr().err
+
+
+def _learned_delta(path, source: str, strengths) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from remoe_engine.finetune.bias import LearnedBias
+    from remoe_engine.finetune.delta import save_router_delta
+
+    model = AutoModelForCausalLM.from_pretrained(zoo.path("tiny"))
+    learned = LearnedBias(source, torch.tensor(strengths, dtype=torch.float32), slots=8)
+    return str(save_router_delta(model, path, reuse_bias=learned))
+
+
+def test_learned_row_runs_with_the_deltas_strengths(tmp_path, capsys):
+    """A delta with a learned bias adds the "learned" row, routed with its own strengths and
+    source (here "previous", while the +bias rows use the card's "resident")."""
+    delta = _learned_delta(tmp_path / "learned.safetensors", "previous",
+                           [[0.0], [0.03], [0.01], [0.02]])
+    assert cli.main(["run", "--json", "--max-new-tokens", "3", "--eval-tokens", "16",
+                     "--learned-delta", delta, "--reuse-bias", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["original", "remoe", "learned"]
+    learned = rows["learned"]
+    assert learned["router"] == "learned" and learned["bias_source"] == "previous"
+    assert learned["reuse_bias"] == pytest.approx(0.03)
+    # The bias changed the routing: fewer experts agree with the original router.
+    assert learned["topk_agreement"] < 1.0
+    assert learned["eor"] > rows["original"]["eor"]
+
+
+def test_learned_delta_must_carry_a_bias(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from remoe_engine.finetune.delta import save_router_delta
+
+    plain = save_router_delta(AutoModelForCausalLM.from_pretrained(zoo.path("tiny")),
+                              tmp_path / "plain.safetensors")
+    capsys.readouterr()  # the loading bar above
+    assert cli.main(["run", "--learned-delta", str(plain), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no learned reuse bias" in err and len(err.splitlines()) == 1

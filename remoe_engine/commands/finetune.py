@@ -26,9 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     Args:
         subparsers: the top-level parser's subparsers.
     """
-    from remoe_engine.finetune.config import ReMoEConfig
+    from remoe_engine.finetune.config import BIAS_SOURCES, ReMoEConfig, ReuseBiasConfig
 
     d = ReMoEConfig()
+    b = ReuseBiasConfig()
     parser = subparsers.add_parser(
         "finetune", help="fine-tune only the routers for expert reuse (the ReMoE loss)",
         description="Train only the router weights of a Hugging Face MoE checkpoint so that "
@@ -75,6 +76,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             help=f"{help_text} ({getattr(d, name)})")
     parser.add_argument("--lags", type=_lags, default=d.lags,
                         help=f"lags of the lag term ({','.join(map(str, d.lags))})")
+    bias = parser.add_argument_group(
+        "learned reuse bias",
+        "With --learn-bias, train the strengths of the cache-aware reuse bias instead of the "
+        "router weights (which stay as they are): one per MoE layer (or per layer and expert), "
+        "with the selection inference applies, against the loss CE + KL(biased || original "
+        "selection) - reuse mass of the preferred experts. Writes router-delta.safetensors with "
+        "the router weights and the strengths; remoe run --learned-delta and "
+        "remoe_engine.apply_router_delta() on a loaded model apply it. --batch, --seq-len and "
+        "--seed apply; the other ReMoE options do not.")
+    bias.add_argument("--learn-bias", choices=BIAS_SOURCES, default=None,
+                      help="what the bias prefers: the previous token's experts, or the experts "
+                      "resident in an LRU pool of --bias-slots slots per layer")
+    bias.add_argument("--bias-slots", type=int, default=b.slots,
+                      help=f"pool slots per layer for --learn-bias resident ({b.slots}); for a "
+                      "remoe run --memory-budget, the budget's slots divided by the MoE layers")
+    bias.add_argument("--bias-per-expert", action="store_true",
+                      help="one strength per layer and expert (default: one per layer)")
+    bias.add_argument("--base-delta", default=None,
+                      help="a router delta applied first (e.g. ReMoE router weights); the output "
+                      "delta holds its router weights")
+    for name, help_text in [
+        ("init", "initial strength"), ("lambda_kl", "weight of the KL to the original selection"),
+        ("lambda_reuse", "weight of the reuse-mass term"),
+        ("tau", "temperature of the straight-through soft top-k"), ("lr", "Adam learning rate"),
+    ]:
+        bias.add_argument("--bias-" + name.replace("_", "-"), type=float,
+                          default=getattr(b, name), help=f"{help_text} ({getattr(b, name)})")
+    bias.add_argument("--bias-ce-gradient", choices=("straight-through", "spsa"),
+                      default=b.ce_gradient,
+                      help="how the cross-entropy's gradient reaches the strengths: the "
+                      "straight-through soft top-k, or a two-forward simultaneous-perturbation "
+                      f"estimate that also sees the displaced experts ({b.ce_gradient})")
+    bias.add_argument("--bias-spsa-c", type=float, default=b.spsa_c,
+                      help=f"perturbation size of --bias-ce-gradient spsa ({b.spsa_c})")
+    bias.add_argument("--bias-steps", type=int, default=b.steps,
+                      help=f"optimizer steps ({b.steps})")
     parser.add_argument("--no-resume", action="store_true",
                         help="start over even if --out holds a checkpoint of this config")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default=None,
@@ -107,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     fields = ("lambda_kl", "lambda_reuse", "lambda_smooth", "lambda_lag", "lambda_ws",
               "locality_warmup", "lr", "lr_warmup", "weight_decay", "grad_clip", "steps",
               "batch", "seq_len", "window", "seed", "save_every", "eval_every", "lags")
+    if args.learn_bias is not None:
+        return _learn_bias(args, model_path)
     cfg = ReMoEConfig(**{f: getattr(args, f) for f in fields})
     try:
         cfg.validate()
@@ -128,4 +167,32 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("changed_tensors") is not None:
         print(f"remoe finetune: wrote {args.out} ({len(summary['changed_tensors'])} router tensors "
               f"changed, nothing else) and {args.out / 'router-delta.safetensors'}")
+    return 0
+
+
+def _learn_bias(args: argparse.Namespace, model_path) -> int:
+    from transformers import AutoTokenizer
+
+    from remoe_engine.finetune import data as fdata
+    from remoe_engine.finetune.bias import train_reuse_bias
+    from remoe_engine.finetune.config import ReuseBiasConfig
+
+    cfg = ReuseBiasConfig(source=args.learn_bias, slots=args.bias_slots,
+                          per_expert=args.bias_per_expert, init=args.bias_init,
+                          lambda_kl=args.bias_lambda_kl, lambda_reuse=args.bias_lambda_reuse,
+                          tau=args.bias_tau, ce_gradient=args.bias_ce_gradient,
+                          spsa_c=args.bias_spsa_c, lr=args.bias_lr, steps=args.bias_steps,
+                          batch=args.batch, seq_len=args.seq_len, seed=args.seed)
+    try:
+        cfg.validate()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        texts, where = fdata.resolve_texts(model_path, args.data, "train", args.text_key)
+        stream = fdata.encode(tokenizer, texts)
+        print(f"remoe finetune: learned reuse bias ({cfg.source}), {stream.numel():,} training "
+              f"tokens from {where}")
+        summary = train_reuse_bias(model_path, args.out, stream, cfg,
+                                   router_delta=args.base_delta, progress=not args.no_progress)
+    except (fdata.DataError, ValueError, OSError) as e:
+        raise CommandError(str(e).splitlines()[0]) from None
+    print(f"remoe finetune: wrote {summary['delta']}")
     return 0

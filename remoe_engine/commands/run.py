@@ -1,8 +1,9 @@
 """`remoe run`: the whole story on one model (by default the built-in one).
 
 An MoE model generates with its experts streamed from disk under a memory budget that holds about
-a quarter of them, in up to four configurations: the original router, the ReMoE router delta
-shipped with the model ("remoe"), and each with the cache-aware reuse bias ("+bias"). Every
+a quarter of them, in up to five configurations: the original router, the ReMoE router delta
+shipped with the model ("remoe"), each with the cache-aware reuse bias ("+bias"), and the learned
+reuse bias shipped with the model ("learned", trained by remoe finetune --learn-bias). Every
 configuration then decodes the same held-out tokens one at a time, interleaved with a copy that
 holds every expert (the compute floor), and a table compares tokens/s, TPOT next to its floor,
 hit rate, bytes read per token, perplexity, expert reuse (EOR) and top-k agreement with the
@@ -18,6 +19,10 @@ import os
 import sys
 
 from remoe_engine.cli import CommandError, checked_model_dir, finite_nonnegative, memory_budget
+
+# A model folder's shipped learned reuse bias (a router delta with strengths), for the "learned"
+# row of remoe run.
+LEARNED_DELTA_NAME = "reuse-bias-delta.safetensors"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--router-delta", default=None,
                         help="ReMoE router delta (.safetensors); default: the model's "
                              "router-delta.safetensors if present; 'none' to skip")
+    parser.add_argument("--learned-delta", default=None,
+                        help="router delta with a learned reuse bias (remoe finetune "
+                             "--learn-bias) for the 'learned' row; default: the model's "
+                             f"{LEARNED_DELTA_NAME} if present; 'none' to skip")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
     parser.add_argument("--prompt", default=None, help="generation prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48,
@@ -120,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--eval-tokens must be >= 2, got {args.eval_tokens}")
     if args.router_delta not in (None, "none") and not os.path.isfile(args.router_delta):
         raise CommandError(f"--router-delta {args.router_delta}: no such file")
+    if args.learned_delta not in (None, "none") and not os.path.isfile(args.learned_delta):
+        raise CommandError(f"--learned-delta {args.learned_delta}: no such file")
     if args.eval_text is not None and not os.path.isfile(args.eval_text):
         raise CommandError(f"--eval-text {args.eval_text}: no such file")
     schemes = ()
@@ -148,12 +159,27 @@ def run(args: argparse.Namespace) -> int:
         delta = shipped if os.path.exists(shipped) else None
     elif delta == "none":
         delta = None
+    learned = args.learned_delta
+    if learned is None:
+        shipped = os.path.join(model_dir, LEARNED_DELTA_NAME)
+        learned = shipped if os.path.exists(shipped) else None
+    elif learned == "none":
+        learned = None
+    if learned is not None:
+        from remoe_engine.finetune.delta import read_learned_bias
+
+        try:
+            if read_learned_bias(learned) is None:
+                raise CommandError(f"--learned-delta {learned}: the delta has no learned reuse "
+                                   "bias (use --router-delta for router weights alone)")
+        except ValueError as e:
+            raise CommandError(f"--learned-delta {learned}: {e}") from None
     settings = RunSettings(
         model=model_dir, memory_budget=budget, slots_per_layer=args.slots_per_layer,
         policy=args.policy,
         reuse_bias=recommended_bias if args.reuse_bias is None else args.reuse_bias,
         bias_source=recommended_source if args.bias_source is None else args.bias_source,
-        router_delta=delta, device=args.device,
+        router_delta=delta, learned_delta=learned, device=args.device,
         prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
         max_new_tokens=args.max_new_tokens, eval_tokens=args.eval_tokens,
         eval_text=args.eval_text, progress=progress, prefetch=args.prefetch, quantize=schemes)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["ReMoEConfig"]
+__all__ = ["BIAS_SOURCES", "ReMoEConfig", "ReuseBiasConfig"]
 
 
 @dataclass
@@ -103,3 +103,91 @@ class ReMoEConfig:
         """min(1, step / T_warm) for the 1-based optimizer step `step`."""
         t_warm = self.locality_warmup * self.steps
         return 1.0 if t_warm <= 0 else min(1.0, step / t_warm)
+
+
+BIAS_SOURCES = ("previous", "resident")
+
+
+@dataclass
+class ReuseBiasConfig:
+    """A learned reuse bias run (`remoe_engine.finetune.bias`): the router weights stay as they
+    are; only the strengths of the reuse bias train.
+
+    The defaults are the recipe of the built-in model's shipped `reuse-bias-delta.safetensors`
+    (with source "resident", slots 8; `bench/results/learned-bias-cpu-2026-11-30.json`): the
+    SPSA estimate of the cross-entropy's gradient, not the straight-through one, is what moved
+    the strengths away from uniform there.
+
+    Args:
+        source: what the bias prefers, as at inference: "previous" (the experts the previous
+            token of the sequence chose at the layer) or "resident" (the experts resident in an
+            LRU pool of `slots` slots per layer, replayed per training sequence as `sim` replays
+            a trace).
+        slots: pool slots per layer for "resident" (the target budget's share per layer).
+        per_expert: one strength per (layer, expert) instead of one per layer.
+        init: initial strength (selection-score units: probabilities for softmax routers).
+        lambda_kl: weight of the trust KL(Q || P), Q the biased selection distribution.
+        lambda_reuse: weight of the reuse term -log(mean reuse mass of Q on the preferred set).
+        tau: temperature of the soft top-k whose gradient stands in for the hard choice
+            (straight-through), in selection-score units.
+        ce_gradient: how the cross-entropy's gradient reaches the strengths: "straight-through"
+            (the soft top-k above) or "spsa": a simultaneous-perturbation estimate from two more
+            forwards without gradients at strengths s +- c * delta (delta random signs), which
+            sees what the experts a choice displaces were worth (the straight-through gradient
+            only sees the chosen experts); the reuse and trust terms keep their exact gradient.
+        spsa_c: the perturbation size c of "spsa".
+        steps, lr, lr_warmup, grad_clip, batch, seq_len, seed: the optimisation, as for ReMoE.
+    """
+
+    source: str = "previous"
+    slots: int = 8
+    per_expert: bool = False
+    init: float = 0.03
+    lambda_kl: float = 1.0
+    lambda_reuse: float = 0.5
+    tau: float = 0.01
+    ce_gradient: str = "spsa"
+    spsa_c: float = 0.01
+    steps: int = 30
+    lr: float = 1e-3
+    lr_warmup: float = 0.1
+    grad_clip: float = 1.0
+    batch: int = 8
+    seq_len: int = 128
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad value."""
+        if self.source not in BIAS_SOURCES:
+            raise ValueError(f"source must be one of {BIAS_SOURCES}, got {self.source!r}")
+        if self.ce_gradient not in ("straight-through", "spsa"):
+            raise ValueError(f"ce_gradient must be 'straight-through' or 'spsa', got "
+                             f"{self.ce_gradient!r}")
+        if not self.spsa_c > 0:
+            raise ValueError(f"spsa_c must be > 0, got {self.spsa_c}")
+        for name in ("init", "lambda_kl", "lambda_reuse", "grad_clip"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("tau", "lr"):
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("steps", "batch", "slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if not 0.0 <= self.lr_warmup <= 1.0:
+            raise ValueError(f"lr_warmup must be in [0, 1], got {self.lr_warmup}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine to 10% (as ReMoE's schedule), for the 1-based step."""
+        import math
+
+        warm = max(1, round(self.lr_warmup * self.steps)) if self.lr_warmup > 0 else 0
+        if step <= warm:
+            return self.lr * step / warm
+        progress = (step - warm) / max(1, self.steps - warm)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -4,6 +4,11 @@
 `state_dict` name (full tensors, not differences: applying it twice is harmless, and any tool that
 reads safetensors can inspect it). Its metadata names the model type and the hash of the routers
 it was trained from, so applying it to another model is refused with a clear message.
+
+A delta may also carry a learned reuse bias (`remoe_engine.finetune.bias`): the tensor
+`STRENGTHS_NAME` ([MoE layers, 1] or [MoE layers, experts], float32) and the metadata
+`reuse_bias_source` ("previous" or "resident") and `reuse_bias_slots`. Deltas without it load as
+before; strengths whose shape does not fit the model are refused.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from torch import nn
 from remoe_engine.families import find_moe_blocks
 
 DELTA_NAME = "router-delta.safetensors"
+STRENGTHS_NAME = "remoe.reuse_bias.strengths"
+# install_learned_bias and LEARNED_ATTR live with the routers they configure (router.py, a layer
+# below fine-tuning, where patch()/load() reach them); re-exported here.
+from remoe_engine.router import LEARNED_ATTR, install_learned_bias  # noqa: E402,F401
 
 
 def router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -56,7 +65,7 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: pathlib.Path,
 
 
 def save_router_delta(model: nn.Module, path: str | os.PathLike, *, base_router_hash: str = "",
-                      extra: dict | None = None) -> pathlib.Path:
+                      extra: dict | None = None, reuse_bias=None) -> pathlib.Path:
     """Write the router weights of a model as a router delta (atomically).
 
     Args:
@@ -64,6 +73,7 @@ def save_router_delta(model: nn.Module, path: str | os.PathLike, *, base_router_
         path: output file (or a folder, which gets `router-delta.safetensors`).
         base_router_hash: `remoe_engine.trace.router_hash` of the original model's routers.
         extra: more JSON-serializable metadata (e.g. the fine-tuning config).
+        reuse_bias: a `bias.LearnedBias` to ship with the router weights, or None.
 
     Returns:
         The written file's path.
@@ -77,8 +87,39 @@ def save_router_delta(model: nn.Module, path: str | os.PathLike, *, base_router_
         "base_router_hash": base_router_hash,
         "extra": json.dumps(extra or {}),
     }
-    _atomic_save_file(router_parameters(model), path, metadata)
+    tensors = dict(router_parameters(model))
+    if reuse_bias is not None:
+        metadata["format"] = "remoe-router-delta/2"
+        metadata["reuse_bias_source"] = reuse_bias.source
+        metadata["reuse_bias_slots"] = "" if reuse_bias.slots is None else str(reuse_bias.slots)
+        tensors[STRENGTHS_NAME] = reuse_bias.strengths.float()
+    _atomic_save_file(tensors, path, metadata)
     return path
+
+
+def learned_bias_of(tensors: dict[str, torch.Tensor], meta: dict[str, str]):
+    """The `bias.LearnedBias` a delta carries (removed from `tensors`), or None.
+
+    Raises:
+        ValueError: strengths without a source, or a source without strengths, or bad values.
+    """
+    from remoe_engine.finetune.bias import LearnedBias
+
+    strengths = tensors.pop(STRENGTHS_NAME, None)
+    source = meta.get("reuse_bias_source")
+    if strengths is None and not source:
+        return None
+    if strengths is None or not source:
+        raise ValueError("router delta has reuse-bias strengths without a source, or a source "
+                         "without strengths (a damaged file)")
+    slots = meta.get("reuse_bias_slots") or None
+    return LearnedBias(source, strengths.float(), None if slots is None else int(slots))
+
+
+def read_learned_bias(path: str | os.PathLike):
+    """The learned reuse bias of a router-delta file, or None when it has none."""
+    tensors, meta = read_router_delta(path)
+    return learned_bias_of(tensors, meta)
 
 
 def read_router_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -100,7 +141,7 @@ def read_router_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
 @torch.no_grad()
 def apply_router_delta(model: nn.Module, path: str | os.PathLike, *,
-                       check_base: bool = False) -> nn.Module:
+                       check_base: bool = False, weights_only: bool = False) -> nn.Module:
     """Load fine-tuned router weights into a model in place.
 
     Args:
@@ -109,14 +150,18 @@ def apply_router_delta(model: nn.Module, path: str | os.PathLike, *,
         path: a router-delta file, or a folder holding `router-delta.safetensors`.
         check_base: also require the model's current routers to be the ones the delta was
             trained from (their hash); off by default so a delta can be re-applied.
+        weights_only: leave out a learned reuse bias the delta carries.
 
     Returns:
-        The model (its router parameters overwritten, cast to their dtype and device).
+        The model (its router parameters overwritten, cast to their dtype and device; a learned
+        reuse bias installed in its patched routers, or kept for a later `patch()`).
 
     Raises:
-        ValueError: if the delta's model type, names or shapes do not match the model's routers.
+        ValueError: if the delta's model type, names or shapes do not match the model's routers,
+            or its reuse-bias strengths do not fit the model.
     """
     tensors, meta = read_router_delta(path)
+    learned = learned_bias_of(tensors, meta)
     model_type = str(getattr(model.config, "model_type", ""))
     if meta.get("model_type") and meta["model_type"] != model_type:
         raise ValueError(f"router delta is for model type {meta['model_type']!r}, the model is "
@@ -137,7 +182,13 @@ def apply_router_delta(model: nn.Module, path: str | os.PathLike, *,
         if tuple(tensors[name].shape) != tuple(param.shape):
             raise ValueError(f"router delta {name}: shape {list(tensors[name].shape)} != "
                              f"model {list(param.shape)}")
+    if learned is not None and not weights_only:
+        blocks = find_moe_blocks(model)
+        learned.check_model(len(blocks), int(blocks[0].experts.num_experts))
+    for name, param in params.items():
         param.copy_(tensors[name].to(param.device, param.dtype))
+    if learned is not None and not weights_only:
+        install_learned_bias(model, learned)
     return model
 
 
