@@ -127,7 +127,7 @@ def test_the_table_says_what_each_row_and_column_means():
 
 def test_quantize_adds_one_row_per_scheme(capsys):
     assert cli.main(["run", "--json", "--max-new-tokens", "3", "--eval-tokens", "24",
-                     "--router-delta", "none", "--reuse-bias", "0",
+                     "--router-delta", "none", "--learned-delta", "none", "--reuse-bias", "0",
                      "--quantize", "int8,int4:g32"]) == 0
     report = json.loads(capsys.readouterr().out)
     names = [row["name"] for row in report["rows"]]
