@@ -97,4 +97,14 @@ TORCH_LIBRARY(remoe, m) {
   // (float32 | bfloat16 | float16). The reader threads and the CUDA copy engine run the same
   // arithmetic on every load of a compressed store; a non-finite scale is an error.
   m.def("dequantize(Tensor blob, Tensor plan, ScalarType dtype, int out_bytes) -> Tensor");
+  // moe_experts over slots holding compressed expert blobs (csrc/experts/
+  // moe_experts_compressed_cpu.cpp): blobs uint8 [S, B] (the pool's slot buffer), plan int64
+  // [n, 11] on the CPU (remoe_engine/quant.py, QuantLayout.compute_plan: per part the matrix it
+  // fills, 0 up [N, H], 1 up_bias [1, N], 2 down [H, I], 3 down_bias [1, H], its first row, and
+  // its codes and scales as in dequantize's plan), up_rows = N. The codes are decoded as they are
+  // read; gate, activation, clamp, limit, alpha and up_offset as for moe_experts. fp32 [T, H].
+  m.def(
+      "moe_experts_compressed(Tensor hidden, Tensor slots, Tensor route_weights, Tensor blobs, "
+      "Tensor plan, int up_rows, str gate, str activation, str clamp, float limit, float alpha, "
+      "float up_offset) -> Tensor");
 }

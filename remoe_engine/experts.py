@@ -70,6 +70,8 @@ class ExpertsState:
     _slot_views: list | None = None  # per slot: name -> tensor views of the slot buffer
 
     def slot_views(self, slot: int) -> dict[str, torch.Tensor]:
+        if self.pool.slot_format == "compressed":
+            return self.pool.slot_tensors(slot)  # the blob dequantized, for this call only
         # The slot buffer never moves, so its views are made once, not per expert call.
         if self._slot_views is None:
             self._slot_views = [self.pool.slot_tensors(s) for s in range(self.pool.num_slots)]
@@ -79,8 +81,14 @@ class ExpertsState:
               top_k_weights: torch.Tensor) -> torch.Tensor:
         """The fused op on every pair of `pair_slots` (int64 [T, K] on the host, -1 = none):
         fp32 [T, H]."""
-        weights = self.pool.weights  # name -> [num_slots, *shape] views of the slot buffer
         up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+        if self.pool.slot_format == "compressed":  # CPU only (SlotPool refuses it elsewhere)
+            shape = self.pool.layout.tensor(up_name).shape
+            up_rows = shape[1] if experts.is_transposed else shape[0]
+            return ops.moe_experts_compressed(
+                hidden, pair_slots, top_k_weights, self.pool.buffer,
+                self.pool.compute_plan(up_name), up_rows, gate=self.gate)
+        weights = self.pool.weights  # name -> [num_slots, *shape] views of the slot buffer
         if hidden.device.type != "cpu":
             # A plain copy: non_blocking from pageable memory would sync the stream anyway.
             pair_slots = pair_slots.to(hidden.device)

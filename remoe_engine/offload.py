@@ -33,7 +33,7 @@ from remoe_engine.families import (
     learn_routing,
     moe_blocks_or_raise,
 )
-from remoe_engine.pool import SlotPool, check_pool_size
+from remoe_engine.pool import SLOT_FORMATS, SlotPool, check_pool_size
 
 STORES = ("host", "disk")
 
@@ -191,6 +191,36 @@ def _attach(model: nn.Module, blocks: list[MoEBlock], pool, device: torch.device
     model.generation_config.disable_compile = True
     handle._restore.append(
         lambda: setattr(model.generation_config, "disable_compile", previous_disable))
+
+
+def _check_slot_format(slot_format) -> None:
+    if slot_format not in ("auto", *SLOT_FORMATS):
+        raise ValueError(f"slot_format must be one of {('auto', *SLOT_FORMATS)}, got "
+                         f"{slot_format!r}")
+
+
+def _resolve_slot_format(slot_format: str, store, blocks: list[MoEBlock], device: torch.device,
+                         experts_kernel: str) -> str:
+    """What the pool's slots hold (load()'s `slot_format`), decided before the pool exists.
+
+    Raises:
+        ValueError: "compressed" for a store that is not compressed or on a GPU.
+    """
+    if store.compressed is None:
+        if slot_format == "compressed":
+            raise ValueError("slot_format='compressed': these experts are not compressed; pack "
+                             "them with `remoe pack --quantize` or load an FP8 / MXFP4 checkpoint")
+        return "dequantized"
+    if slot_format == "compressed" and device.type != "cpu":
+        raise ValueError("slot_format='compressed' computes on the CPU only; on a GPU each load "
+                         "is dequantized on the device (slot_format='dequantized')")
+    if slot_format != "auto":
+        return slot_format
+    # Compressed slots pay only where the fused op decodes them as it reads; the per-expert
+    # path would dequantize every expert on every use.
+    fused = device.type == "cpu" and all(
+        gate is not None for gate in _choose_kernels(blocks, device, experts_kernel)[0])
+    return "compressed" if fused else "dequantized"
 
 
 def _choose_kernels(blocks: list[MoEBlock], device: torch.device, experts_kernel: str
@@ -590,7 +620,8 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
          dtype: torch.dtype | None = None, store: str = "disk", policy: str = "lru",
          reuse_bias: float = 0.0, bias_source: str = "resident", packed: str | None = None,
          num_threads: int = 4, o_direct: bool | str = "auto", prefetch: bool = False,
-         experts_kernel: str = "auto", **from_pretrained_kwargs) -> nn.Module:
+         experts_kernel: str = "auto", slot_format: str = "auto",
+         **from_pretrained_kwargs) -> nn.Module:
     """Load a transformers MoE checkpoint without ever materializing its experts.
 
     Args:
@@ -608,6 +639,13 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
         num_threads: reader threads of the pool (concurrent storage reads).
         o_direct: read expert files with O_DIRECT, bypassing the page cache: "auto" (default:
             where the filesystem supports it, else buffered), True (required) or False.
+        slot_format: for compressed experts (`remoe pack --quantize`, FP8 / MXFP4 checkpoints),
+            what a pool slot holds: "compressed" (the blob: the budget holds as many more
+            experts as the compression ratio, misses move only compressed bytes, and the fused
+            experts op decodes the codes as it reads them; CPU only), "dequantized" (the expert
+            in the compute dtype, dequantized on every load), or "auto" (default: compressed on
+            the CPU wherever the fused op computes every MoE layer, dequantized otherwise, as
+            measured by bench/bench_quant_e2e.py). `stats()["slot_format"]` says which runs.
     Returns:
         the transformers model; `model.remoe` is its Handle.
 
@@ -622,6 +660,7 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
     slots_per_layer, memory_budget = _check_kwargs(slots_per_layer, memory_budget, policy, store,
                                                    reuse_bias, bias_source, prefetch,
                                                    experts_kernel)
+    _check_slot_format(slot_format)
     if dtype is not None and dtype not in _SLOT_DTYPES:
         raise ValueError(f"dtype must be one of {_SLOT_DTYPES} or None, got {dtype!r}")
     if o_direct not in (True, False, "auto"):
@@ -653,8 +692,10 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
     compute_dtype = model.dtype
     if store == "host":
         expert_store = expert_store.host_copy(compute_dtype, pin_memory=device.type == "cuda")
+    slot_format = _resolve_slot_format(slot_format, expert_store, blocks, device, experts_kernel)
     pool = _make_pool(expert_store, device, slots_per_layer, memory_budget, policy,
-                      num_threads=num_threads, o_direct=o_direct, dtype=compute_dtype)
+                      num_threads=num_threads, o_direct=o_direct, dtype=compute_dtype,
+                      slot_format=slot_format)
     handle = Handle(model, blocks, pool, expert_store, reuse_bias, bias_source, _loaded=True,
                     prefetch=prefetch)
     _attach(model, blocks, pool, device, reuse_bias=reuse_bias, bias_source=bias_source,

@@ -52,9 +52,8 @@ except ImportError as _error:
     raise _extension_import_error(_error) from _error
 
 __all__ = ["ExpertsGate", "crc32c", "crc32c_impl", "cuda_kernels_built", "dequantize",
-           "moe_experts", "pinned_host_bytes", "pinned_host_empty", "route_topk",
-           "route_topk_previous",
-           "topk_overlap"]
+           "moe_experts", "moe_experts_compressed", "pinned_host_bytes", "pinned_host_empty",
+           "route_topk", "route_topk_previous", "topk_overlap"]
 
 _route_topk = torch.ops.remoe.route_topk.default
 
@@ -352,3 +351,35 @@ def dequantize(blob: torch.Tensor, plan: torch.Tensor, dtype: torch.dtype,
 @torch.library.register_fake("remoe::dequantize")
 def _dequantize_fake(blob, plan, dtype, out_bytes):
     return blob.new_empty((out_bytes,), dtype=torch.uint8)
+
+
+def moe_experts_compressed(hidden: torch.Tensor, slots: torch.Tensor,
+                           route_weights: torch.Tensor, blobs: torch.Tensor, plan: torch.Tensor,
+                           up_rows: int, *, gate: ExpertsGate = ExpertsGate()) -> torch.Tensor:
+    """`moe_experts` over slots that hold compressed expert blobs (CPU).
+
+    The codes are decoded as they are read (few tokens) or the routed slots dequantized into a
+    scratch a chunk at a time (many tokens); nothing compressed is ever expanded into a slot.
+
+    Args:
+        hidden: [T, H] float32 / bfloat16 / float16.
+        slots: int64 [T, K], -1 for none, as for `moe_experts`.
+        route_weights: [T, K] floating.
+        blobs: uint8 [S, B], each row one slot's blob (the pool's slot buffer).
+        plan: int64 [n, 11] on the CPU (`remoe_engine.quant.QuantLayout.compute_plan`).
+        up_rows: N, the up projection's rows (2I for a gated expert).
+        gate: the family's gate (`ExpertsGate`).
+
+    Returns:
+        float32 [T, H].
+    """
+    return torch.ops.remoe.moe_experts_compressed(
+        hidden, slots, route_weights, blobs, plan, int(up_rows), gate.layout, gate.activation,
+        gate.clamp, float(gate.limit), float(gate.alpha), float(gate.up_offset))
+
+
+@torch.library.register_fake("remoe::moe_experts_compressed")
+def _moe_experts_compressed_fake(hidden, slots, route_weights, blobs, plan, up_rows, gate,
+                                 activation, clamp, limit, alpha, up_offset):
+    torch._check(hidden.dim() == 2, lambda: "moe_experts_compressed: hidden must be 2-D")
+    return hidden.new_empty(hidden.shape, dtype=torch.float32)

@@ -69,7 +69,7 @@ from remoe_engine import ops  # noqa: F401  (loads remoe_engine._C: registers th
 from remoe_engine.store import ExpertStore, SlotLayout
 from remoe_engine.units import parse_bytes
 
-__all__ = ["COUNTERS", "SlotPool", "check_pool_size"]
+__all__ = ["COUNTERS", "SLOT_FORMATS", "SlotPool", "check_pool_size"]
 
 _DIRECT_IO = {True: "on", False: "off", "auto": "auto"}
 
@@ -81,6 +81,9 @@ IdsLike = torch.Tensor | Sequence[int]
 
 
 POLICIES = ("lru", "lfu")
+# What a slot of a compressed store holds: the expert dequantized into the compute dtype on
+# every load, or its compressed blob (computed from by ops.moe_experts_compressed).
+SLOT_FORMATS = ("dequantized", "compressed")
 
 _PAGE = 4096  # pinned memory is locked in whole pages
 # CUDA: staging buffers per reader thread (csrc/transfer/copy_engine_cuda.cu, kStagingPerReader):
@@ -141,12 +144,19 @@ class SlotPool:
             in the reader thread: storage and host memory hold the compressed bytes.
         verify_checksums: check every blob of a packed store against its CRC32C in the reader
             thread before it reaches a slot. Only benchmarks turn it off, to measure its cost.
+        slot_format: for a compressed store, what a slot holds: "dequantized" (the expert in
+            `dtype`, dequantized on every load) or "compressed" (the blob itself, so a budget
+            holds as many more experts as the compression ratio; the reader checks its CRC32C and
+            that its scales are finite, and `ops.moe_experts_compressed` computes from it). CPU
+            only: on CUDA the copy engine dequantizes on the device. Ignored for a store that is
+            not compressed (its slots hold its tensors).
     """
 
     def __init__(self, store: ExpertStore, device: str | torch.device = "cpu", *,
                  slots_per_layer: int | None = None, memory_budget: int | str | None = None,
                  policy: str = "lru", num_threads: int = 4, o_direct: bool | str = "auto",
-                 dtype: torch.dtype | None = None, verify_checksums: bool = True):
+                 dtype: torch.dtype | None = None, verify_checksums: bool = True,
+                 slot_format: str = "dequantized"):
         if (slots_per_layer is None) == (memory_budget is None):
             raise ValueError("SlotPool: pass exactly one of slots_per_layer (per-layer scope) or "
                              f"memory_budget (global), got {slots_per_layer=}, {memory_budget=}")
@@ -174,9 +184,21 @@ class SlotPool:
         if dtype != store.layout.dtype and store.tier == "host" and store.compressed is None:
             raise ValueError(f"SlotPool: the host tier holds {store.layout.dtype} blobs; convert "
                              f"the store (remoe_engine.offload) instead of asking for {dtype}")
-        # The slots' layout: the store's, or the same tensors in the compute dtype.
+        if slot_format not in SLOT_FORMATS:
+            raise ValueError(f"SlotPool: slot_format must be one of {SLOT_FORMATS}, got "
+                             f"{slot_format!r}")
+        if store.compressed is None:
+            slot_format = "dequantized"  # nothing to keep compressed
+        elif slot_format == "compressed" and device.type != "cpu":
+            raise ValueError("SlotPool: compressed slots compute on the CPU only; on a GPU the "
+                             "copy engine dequantizes each load on the device "
+                             "(slot_format='dequantized')")
+        self.slot_format = slot_format
+        # The experts' tensors: the store's, or the same tensors in the compute dtype. A slot
+        # holds them, or (compressed slots) the blob they are computed from.
         self.layout = store.layout.in_dtype(dtype)
-        num_layers, slot_bytes = len(store.layers), self.layout.slot_bytes
+        num_layers = len(store.layers)
+        slot_bytes = store.blob_bytes if slot_format == "compressed" else self.layout.slot_bytes
         every_expert = num_layers * store.num_experts
         if slots_per_layer is not None:
             # More slots than experts can never be used.
@@ -200,7 +222,11 @@ class SlotPool:
                               f"({num_slots * slot_bytes / 2**30:.2f} GiB) on {device}: lower "
                               "memory_budget or slots_per_layer") from None
         self._pool.set_layer_ids(list(store.layers))
-        if store.compressed is not None:
+        if slot_format == "compressed":
+            # Blobs land as they are; their scales are checked once, after the checksum.
+            self._pool.set_scale_check(store.compressed.plan(self.layout),
+                                       self.layout.slot_bytes, _dtype_name(dtype))
+        elif store.compressed is not None:
             # Compressed experts: every load (file or host row) is dequantized into its slot.
             self._pool.set_dequant(store.compressed.plan(self.layout), store.blob_bytes,
                                    _dtype_name(dtype))
@@ -222,8 +248,11 @@ class SlotPool:
             if checks is not None:
                 self._pool.set_checksums(checks)
         self._pool.set_verify(bool(verify_checksums))
-        # name -> [num_slots, *shape] views of the slot buffer (no copies).
-        self.weights: dict[str, torch.Tensor] = self.layout.views(self._pool.buffer())
+        # name -> [num_slots, *shape] views of the slot buffer (no copies); none when the slots
+        # hold compressed blobs (`slot_tensors` dequantizes one, `compute_plan` computes on all).
+        self.weights: dict[str, torch.Tensor] = (
+            {} if slot_format == "compressed" else self.layout.views(self._pool.buffer()))
+        self._compute_plans: dict[str, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         scope = (f"{self.scope_slots} slots/layer" if self.slots_per_layer
@@ -339,8 +368,20 @@ class SlotPool:
             start += size
 
     def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
-        """One slot as the expert's tensors (views, e.g. gate_up_proj [2I, H], down_proj [H, I])."""
+        """One slot as the expert's tensors (e.g. gate_up_proj [2I, H], down_proj [H, I]): views
+        of the slot, or for compressed slots a dequantized copy of its blob, valid only while
+        the slot is pinned (the pool may load another expert into it after)."""
+        if self.slot_format == "compressed":
+            dense = ops.dequantize(self.buffer[slot], self.store.compressed.plan(self.layout),
+                                   self.dtype, self.layout.slot_bytes)
+            return self.layout.views(dense)
         return {name: view[slot] for name, view in self.weights.items()}
+
+    def compute_plan(self, up_name: str) -> torch.Tensor:
+        """`ops.moe_experts_compressed`'s plan for these compressed slots (made once)."""
+        if up_name not in self._compute_plans:
+            self._compute_plans[up_name] = self.store.compressed.compute_plan(up_name)
+        return self._compute_plans[up_name]
 
     # --- inspection -----------------------------------------------------------------------------
 
@@ -383,6 +424,7 @@ class SlotPool:
         out["per_layer"] = {layer: row(values) for layer, values in
                             zip(self.store.layers, table.tolist(), strict=True)}
         out["pinned_host_bytes"] = self.pinned_host_bytes
+        out["slot_format"] = self.slot_format
         return out
 
     @property

@@ -129,6 +129,27 @@ class QuantLayout:
                          SCALE_KINDS[p.scale], p.scale_offset, p.zero_offset, dst, rs, cs))
         return torch.tensor(rows, dtype=torch.int64).view(-1, 12)
 
+    def compute_plan(self, up_name: str) -> torch.Tensor:
+        """The plan of `ops.moe_experts_compressed`, which computes straight from the blob:
+        int64 [len(parts), 11], per part the matrix it fills (0 up = `up_name`, 1 its bias, 2
+        down_proj, 3 its bias), its first row there and its codes and scales (the columns of
+        csrc/experts/moe_experts_compressed_cpu.cpp). A part's codes are [out, in] row-major
+        whatever the slot tensor's orientation, so the plan does not depend on it.
+
+        Raises:
+            ValueError: a part of a tensor the fused op does not compute.
+        """
+        matrices = {up_name: 0, f"{up_name}_bias": 1, "down_proj": 2, "down_proj_bias": 3}
+        rows = []
+        for p in self.parts:
+            if p.param not in matrices:
+                raise ValueError(f"compressed part of {p.param!r}: the fused experts op computes "
+                                 f"{sorted(matrices)}")
+            rows.append((matrices[p.param], p.row0, CODE_KINDS[p.codes], p.rows, p.cols,
+                         *p.block, p.code_offset, SCALE_KINDS[p.scale], p.scale_offset,
+                         p.zero_offset))
+        return torch.tensor(rows, dtype=torch.int64).view(-1, 11)
+
     def check_covers(self, slot) -> None:
         """Every slot tensor is filled exactly once, row by row, by parts of its own width.
 

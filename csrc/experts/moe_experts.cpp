@@ -67,12 +67,10 @@ void check_bias(const char* name, const std::optional<at::Tensor>& b, const at::
 
 }  // namespace
 
-MoeExpertsParams check_moe_experts_inputs(
-    const at::Tensor& hidden, const at::Tensor& slots, const at::Tensor& route_weights,
-    const at::Tensor& up, const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
-    const std::optional<at::Tensor>& down_bias, std::string_view gate,
-    std::string_view activation, std::string_view clamp, double limit, double alpha,
-    double up_offset, bool transposed) {
+MoeExpertsParams check_routed_inputs(const at::Tensor& hidden, const at::Tensor& slots,
+                                     const at::Tensor& route_weights, std::string_view gate,
+                                     std::string_view activation, std::string_view clamp,
+                                     double limit, double alpha, double up_offset) {
   TORCH_CHECK(hidden.dim() == 2, "moe_experts: hidden must be [tokens, hidden], got ",
               hidden.sizes());
   const auto dtype = hidden.scalar_type();
@@ -95,17 +93,40 @@ MoeExpertsParams check_moe_experts_inputs(
   p.layout = parse_layout(gate);
   p.activation = parse_activation(activation);
   p.clamp = parse_clamp(clamp);
+  TORCH_CHECK(p.clamp == GateClamp::kNone || (limit > 0 && std::isfinite(limit)),
+              "moe_experts: a clamped gate needs a finite limit > 0, got ", limit);
+  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(up_offset),
+              "moe_experts: alpha and up_offset must be finite, got ", alpha, " and ", up_offset);
+  p.limit = static_cast<float>(limit);
+  p.alpha = static_cast<float>(alpha);
+  p.up_offset = static_cast<float>(up_offset);
+  return p;
+}
+
+void set_up_rows(MoeExpertsParams& p, int64_t up_rows) {
+  p.up_rows = up_rows;
+  const bool gated = p.layout != GateLayout::kNone;
+  TORCH_CHECK(up_rows > 0 && (!gated || up_rows % 2 == 0), "moe_experts: ",
+              gated ? "a gated up projection has 2 * I rows" : "an up projection has I > 0 rows",
+              ", got ", up_rows);
+  p.ffn = gated ? up_rows / 2 : up_rows;
+}
+
+MoeExpertsParams check_moe_experts_inputs(
+    const at::Tensor& hidden, const at::Tensor& slots, const at::Tensor& route_weights,
+    const at::Tensor& up, const std::optional<at::Tensor>& up_bias, const at::Tensor& down,
+    const std::optional<at::Tensor>& down_bias, std::string_view gate,
+    std::string_view activation, std::string_view clamp, double limit, double alpha,
+    double up_offset, bool transposed) {
+  MoeExpertsParams p = check_routed_inputs(hidden, slots, route_weights, gate, activation, clamp,
+                                           limit, alpha, up_offset);
   p.transposed = transposed;
   TORCH_CHECK(up.dim() == 3 && down.dim() == 3, "moe_experts: up and down must be [slots, *, *], "
               "got ", up.sizes(), " and ", down.sizes());
   p.num_slots = up.size(0);
   TORCH_CHECK(down.size(0) == p.num_slots, "moe_experts: up has ", p.num_slots,
               " slots but down has ", down.size(0));
-  p.up_rows = transposed ? up.size(2) : up.size(1);
-  const bool gated = p.layout != GateLayout::kNone;
-  TORCH_CHECK(!gated || p.up_rows % 2 == 0, "moe_experts: a gated up projection has 2 * I rows, "
-              "got ", p.up_rows);
-  p.ffn = gated ? p.up_rows / 2 : p.up_rows;
+  set_up_rows(p, transposed ? up.size(2) : up.size(1));
   if (transposed) {
     check_weight("up", up, hidden, p.hidden, p.up_rows);
     check_weight("down", down, hidden, p.ffn, p.hidden);
@@ -117,13 +138,6 @@ MoeExpertsParams check_moe_experts_inputs(
   check_bias("down_bias", down_bias, down, p.hidden);
   p.has_up_bias = up_bias.has_value();
   p.has_down_bias = down_bias.has_value();
-  TORCH_CHECK(p.clamp == GateClamp::kNone || (limit > 0 && std::isfinite(limit)),
-              "moe_experts: a clamped gate needs a finite limit > 0, got ", limit);
-  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(up_offset),
-              "moe_experts: alpha and up_offset must be finite, got ", alpha, " and ", up_offset);
-  p.limit = static_cast<float>(limit);
-  p.alpha = static_cast<float>(alpha);
-  p.up_offset = static_cast<float>(up_offset);
   return p;
 }
 

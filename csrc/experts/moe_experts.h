@@ -71,6 +71,14 @@ MoeExpertsParams check_moe_experts_inputs(
     std::string_view activation, std::string_view clamp, double limit, double alpha,
     double up_offset, bool transposed);
 
+// The checks and parameters that do not depend on how the weights are stored: hidden, slots,
+// route_weights and the gate. The weight fields are left zero (set_up_rows fills N and I).
+MoeExpertsParams check_routed_inputs(const at::Tensor& hidden, const at::Tensor& slots,
+                                     const at::Tensor& route_weights, std::string_view gate,
+                                     std::string_view activation, std::string_view clamp,
+                                     double limit, double alpha, double up_offset);
+void set_up_rows(MoeExpertsParams& p, int64_t up_rows);
+
 // The routed pairs (t * K + k) with a slot (not -1), stably sorted by slot; raises naming the
 // first slot id outside [-1, S). slots: host int64 [T, K], contiguous.
 std::vector<int64_t> pairs_by_slot(const int64_t* slots, const MoeExpertsParams& p);

@@ -327,6 +327,16 @@ void SlotPool::set_dequant(const at::Tensor& plan, int64_t src_bytes,
   landing_ = std::move(landing);
 }
 
+void SlotPool::set_scale_check(const at::Tensor& plan, int64_t dense_bytes,
+                               const std::string& dense_dtype) {
+  const at::ScalarType dtype = parse_float_dtype(dense_dtype, "dense_dtype");
+  std::vector<DequantPart> parts = parse_dequant_plan(plan, slot_bytes_, dense_bytes, dtype, nullptr);
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!started_ && convert_.empty() && dequant_.empty(), "SlotPool.set_scale_check: call "
+              "it before the first acquire/prefetch, and not with set_conversion or set_dequant");
+  scale_check_ = std::move(parts);
+}
+
 int64_t SlotPool::dequantize_into(int64_t slot, int worker, const uint8_t* land, bool staged) {
   if (device_dequant_) {
     check_scales_host(dequant_, land);  // the kernel cannot refuse a corrupt scale
@@ -652,6 +662,7 @@ void SlotPool::run_load(const Job& job) {
   try {
     if (host_blobs_.defined()) {
       const uint8_t* src = host_blobs_.data_ptr<uint8_t>() + key(job.layer, job.expert) * host_blob_bytes_;
+      if (!scale_check_.empty()) check_scales_host(scale_check_, src);
       if (!dequant_.empty()) {
         // A compressed host row: dequantized on this reader thread, straight from host memory.
         count(job.layer, kBytesCopied,
@@ -705,8 +716,9 @@ void SlotPool::run_load(const Job& job) {
             << "): the file is corrupt or was changed after packing; run `remoe pack` again";
         throw std::runtime_error(msg.str());
       }
+      // After the checksum: scales are only trusted once the whole blob is verified.
+      if (!scale_check_.empty()) check_scales_host(scale_check_, land);
       if (!dequant_.empty()) {
-        // After the checksum: scales are only trusted once the whole blob is verified.
         count(job.layer, kBytesCopied, dequantize_into(job.slot, worker, land, /*staged=*/true));
         job.ticket->finish(LoadTicket::State::kDone);
         return;
@@ -845,6 +857,7 @@ void register_slot_pool(torch::Library& m) {
       .def("set_host_sources", &SlotPool::set_host_sources)
       .def("set_conversion", &SlotPool::set_conversion)
       .def("set_dequant", &SlotPool::set_dequant)
+      .def("set_scale_check", &SlotPool::set_scale_check)
       .def("set_checksums", &SlotPool::set_checksums)
       .def("set_verify", &SlotPool::set_verify)
       .def("set_layer_ids", &SlotPool::set_layer_ids)

@@ -124,6 +124,12 @@ class SlotPool : public torch::CustomClassHolder {
   // rows are compressed blobs too. Call before set_file_sources / set_host_sources, whose offsets
   // then refer to the compressed blob.
   void set_dequant(const at::Tensor& plan, int64_t src_bytes, const std::string& dst_dtype);
+  // Slots hold the compressed blobs themselves (the fused experts op decodes them as it reads):
+  // loads copy the blob unchanged, and after its checksum each blob's scales and zero points are
+  // checked to be finite (`plan` [N, 12] is the blob's dequantize plan into a `dense_bytes` slot
+  // of `dense_dtype`; only its code and scale columns are used), so a corrupt scale is a load
+  // error, never a wrong output. The slot size must be the blob size.
+  void set_scale_check(const at::Tensor& plan, int64_t dense_bytes, const std::string& dense_dtype);
   // checks [L * E, 2] int64 rows (seed, expected): a load of expert k is accepted only if
   // crc32c(landed bytes [0, land_bytes), seed) == expected, checked by the reader before the
   // bytes can reach the slot (the seed binds a blob to its (layer, expert), so a relabelled blob
@@ -242,6 +248,7 @@ class SlotPool : public torch::CustomClassHolder {
   at::ScalarType src_dtype_ = at::kByte, dst_dtype_ = at::kByte;
   std::vector<ConvertStep> convert_;  // empty: no conversion
   std::vector<DequantPart> dequant_;  // empty: the sources are not compressed
+  std::vector<DequantPart> scale_check_;  // compressed slots: checked after each load
   at::ScalarType dequant_dtype_ = at::kByte;
   bool device_dequant_ = false;  // the engine dequantizes on its device (CUDA)
   std::vector<uint32_t> crc_seed_, crc_expected_;  // [L * E] or empty

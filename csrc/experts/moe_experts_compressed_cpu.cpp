@@ -1,0 +1,454 @@
+// CPU kernel of remoe::moe_experts_compressed: the fused experts op over slots that hold
+// compressed expert blobs (csrc/quant/dequant.h), not compute-dtype weights.
+//
+// A compressed slot holds more experts per byte of budget (int4: about 3.5x as many as bf16), and
+// a miss moves and checks the compressed bytes only: nothing is dequantized on load. The cost
+// moves to compute, where every use decodes the codes it reads:
+//
+// - Few tokens (decode, T <= kMaxFusedTokens): as the dense kernel (moe_experts_cpu.cpp), pairs
+//   grouped by slot, each weight row read once per group. A row is decoded 16 codes at a time
+//   into fp32 registers (int8, uint4, fp8 e4m3 and e2m1 with bit arithmetic, no tables) and
+//   multiplied with the group's token vectors there; the block scale multiplies a block's partial
+//   sums once, and a uint4 zero point is folded in as zero * scale * sum(x over the block). The
+//   step reads the compressed bytes and nothing else.
+// - Many tokens (prefill): the routed slots are dequantized, a chunk at a time, into a scratch
+//   of dense experts in hidden's dtype (the reader's own dequantize_host, in parallel over
+//   slots), and the grouped BLAS path (moe_experts.cpp) runs on the scratch. Per token of the
+//   prompt the dequantization is amortized; the matmuls are what they are for dense slots.
+//
+// The plan (remoe_engine/quant.py, QuantLayout.compute_plan): int64 [n, kComputeFields], one row
+// per part: which matrix it fills (kParamUp [N, H], kParamUpBias [1, N], kParamDown [H, I],
+// kParamDownBias [1, H], all seen [out, in]), its first row there, and its codes and scales as
+// in a DequantPart. Codes of a compressed part are always stored [out, in] row-major, whatever
+// the family's in-memory orientation, so one row kernel serves transposed families too.
+//
+// Legend: T = tokens, K = experts per token, H = hidden, I = expert FFN size, N = up rows,
+// P = routed (token, k) pairs, S = slots, B = blob bytes.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "../quant/dequant.h"
+#include "../quant/dequant_math.h"
+#include "cpu_rows.h"
+#include "moe_experts.h"
+
+namespace remoe {
+namespace {
+
+enum ComputeParam : int64_t { kParamUp = 0, kParamUpBias = 1, kParamDown = 2, kParamDownBias = 3 };
+constexpr int64_t kNumParams = 4;
+constexpr int64_t kComputeFields = 11;  // param, row0, then DequantPart's code/scale fields
+// Prefill dequantizes routed slots into a scratch of at most this many bytes at a time.
+constexpr int64_t kScratchBytes = int64_t{256} << 20;
+
+struct CompressedPlan {
+  std::vector<DequantPart> parts;  // destinations: a dense expert [up | up_bias | down | down_bias]
+  std::vector<int64_t> param, row0;
+  int64_t dense_elements = 0;
+  int64_t param_base[kNumParams] = {};  // element offset of each matrix in the dense expert
+  std::vector<int32_t> part_of_row[kNumParams];  // matrix row -> part
+  bool has[kNumParams] = {};
+};
+
+// Parses the plan against the op's shapes; TORCH_CHECK errors name the part that does not fit.
+// `dense_dtype` sets the scratch destinations (prefill) and, through parse_dequant_plan, checks
+// every part's codes and scales lie inside a `blob_bytes` blob.
+CompressedPlan parse_compute_plan(const at::Tensor& plan, const MoeExpertsParams& p,
+                                  int64_t blob_bytes, at::ScalarType dense_dtype) {
+  TORCH_CHECK(plan.dim() == 2 && plan.size(1) == kComputeFields && plan.size(0) >= 2 &&
+                  plan.scalar_type() == at::kLong && plan.device().is_cpu(),
+              "moe_experts_compressed: plan must be a CPU int64 [parts >= 2, ", kComputeFields,
+              "] tensor, got ", plan.scalar_type(), " ", plan.sizes(), " on ", plan.device());
+  const int64_t H = p.hidden, N = p.up_rows, I = p.ffn;
+  const int64_t rows_of[kNumParams] = {N, 1, H, 1};
+  const int64_t cols_of[kNumParams] = {H, N, I, H};
+  const char* names[kNumParams] = {"up", "up_bias", "down", "down_bias"};
+  CompressedPlan cp;
+  int64_t base = 0;
+  for (int64_t m = 0; m < kNumParams; ++m) {
+    cp.param_base[m] = base;
+    base += rows_of[m] * cols_of[m];
+  }
+  cp.dense_elements = base;
+  const at::Tensor t = plan.contiguous();
+  const int64_t n = t.size(0);
+  const int64_t* row = t.data_ptr<int64_t>();
+  const int64_t elem = c10::elementSize(dense_dtype);
+  at::Tensor dense_plan = at::empty({n, kDequantFields}, at::kLong);
+  int64_t* d = dense_plan.data_ptr<int64_t>();
+  std::vector<int64_t> covered[kNumParams];
+  for (int64_t m = 0; m < kNumParams; ++m) covered[m].assign(rows_of[m], -1);
+  for (int64_t i = 0; i < n; ++i, row += kComputeFields, d += kDequantFields) {
+    const int64_t m = row[0], r0 = row[1], rows = row[3], cols = row[4];
+    TORCH_CHECK(m >= 0 && m < kNumParams, "moe_experts_compressed: plan part ", i, " fills matrix ",
+                m, ", not one of 0 (up), 1 (up_bias), 2 (down), 3 (down_bias)");
+    TORCH_CHECK(rows >= 1 && r0 >= 0 && r0 + rows <= rows_of[m] && cols == cols_of[m],
+                "moe_experts_compressed: plan part ", i, " (", rows, " x ", cols, " at row ", r0,
+                ") does not fit ", names[m], " [", rows_of[m], ", ", cols_of[m], "]");
+    for (int64_t r = r0; r < r0 + rows; ++r) {
+      TORCH_CHECK(covered[m][r] < 0, "moe_experts_compressed: plan parts ", covered[m][r],
+                  " and ", i, " both fill row ", r, " of ", names[m]);
+      covered[m][r] = i;
+    }
+    cp.has[m] = true;
+    cp.param.push_back(m);
+    cp.row0.push_back(r0);
+    // code_kind, rows, cols, block_rows, block_cols, code_offset, scale_kind, scale_offset,
+    // zero_offset, then the dense destination (bytes, row stride, column stride).
+    for (int f = 0; f < 9; ++f) d[f] = row[2 + f];
+    d[9] = (cp.param_base[m] + r0 * cols) * elem;
+    d[10] = cols;
+    d[11] = 1;
+  }
+  TORCH_CHECK(cp.has[kParamUp] && cp.has[kParamDown], "moe_experts_compressed: the plan has no ",
+              cp.has[kParamUp] ? "down" : "up", " projection");
+  for (int64_t m = 0; m < kNumParams; ++m) {
+    if (!cp.has[m]) continue;
+    for (int64_t r = 0; r < rows_of[m]; ++r) {
+      TORCH_CHECK(covered[m][r] >= 0, "moe_experts_compressed: no plan part fills row ", r,
+                  " of ", names[m], " [", rows_of[m], ", ", cols_of[m], "]");
+    }
+    cp.part_of_row[m].assign(covered[m].begin(), covered[m].end());
+  }
+  cp.parts = parse_dequant_plan(dense_plan, blob_bytes, cp.dense_elements * elem, dense_dtype,
+                                nullptr);
+  return cp;
+}
+
+// ---- decoding 16 codes into fp32 lanes --------------------------------------------------------
+
+typedef uint8_t Bytes8 __attribute__((vector_size(8)));
+typedef uint8_t Bytes16 __attribute__((vector_size(16)));
+typedef int8_t Int8s16 __attribute__((vector_size(16)));
+typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+REMOE_VEC_INLINE Floats words_as_floats(Words w) {
+  Floats f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+// 16 4-bit codes from 8 bytes, element 2k in the low nibble of byte k.
+REMOE_VEC_INLINE Words nibbles16(const uint8_t* p) {
+  Bytes8 b;
+  std::memcpy(&b, p, sizeof(b));
+  const Bytes8 lo = b & 0xF, hi = b >> 4;
+  const Bytes16 q = __builtin_shufflevector(lo, hi, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14,
+                                            7, 15);
+  return __builtin_convertvector(q, Words);
+}
+
+struct Int8Codes {
+  static constexpr int kBits = 8;
+  REMOE_VEC_INLINE static Floats load(const uint8_t* row, int64_t c) {
+    Int8s16 v;
+    std::memcpy(&v, row + c, sizeof(v));
+    return __builtin_convertvector(v, Floats);
+  }
+};
+
+struct Uint4Codes {
+  static constexpr int kBits = 4;
+  REMOE_VEC_INLINE static Floats load(const uint8_t* row, int64_t c) {
+    return __builtin_convertvector(reinterpret_cast<Ints>(nibbles16(row + c / 2)), Floats);
+  }
+};
+
+// float8_e4m3fn as fp8_e4m3fn_to_float computes it, 16 lanes at once: a normal number's exponent
+// and mantissa move into fp32's fields (bias 7 -> 127); a subnormal m * 2^-9 is made from the
+// normal 2^-7 (1 + m / 8) as (x - 2^-7) * 2, so no fp32 denormal is ever formed (those are slow,
+// and zero under flush-to-zero); S.1111.111 is NaN.
+struct Fp8Codes {
+  static constexpr int kBits = 8;
+  REMOE_VEC_INLINE static Floats load(const uint8_t* row, int64_t c) {
+    Bytes16 b;
+    std::memcpy(&b, row + c, sizeof(b));
+    const Words w = __builtin_convertvector(b, Words);
+    const Words magnitude = w & 0x7F;
+    Floats x = words_as_floats((magnitude << 20) + (120u << 23));
+    const Floats subnormal = (x - 0.0078125f) * 2.0f;
+    const Floats nan = Floats{} + std::numeric_limits<float>::quiet_NaN();
+    x = (magnitude >> 3) == 0 ? subnormal : x;
+    x = magnitude == 0x7F ? nan : x;
+    Words bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    return words_as_floats(bits | ((w & 0x80) << 24));
+  }
+};
+
+// e2m1 (MXFP4): magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 are halves 0, 1, 2, 3, 4, 6, 8, 12, i.e.
+// the code itself below 2 and (2 | mantissa) << (exponent - 1) above; bit 3 is the sign.
+struct E2m1Codes {
+  static constexpr int kBits = 4;
+  REMOE_VEC_INLINE static Floats load(const uint8_t* row, int64_t c) {
+    const Words q = nibbles16(row + c / 2);
+    const Words m = q & 7, e = m >> 1;
+    const Words normal = ((2 | (m & 1)) << e) >> 1;
+    const Words halves = e == 0 ? m : normal;
+    Floats x = __builtin_convertvector(reinterpret_cast<Ints>(halves), Floats) * 0.5f;
+    Words bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    return words_as_floats(bits | ((q & 8) << 28));
+  }
+};
+
+// out[t] = sum_c decode(row, c) * scale(c) * xs[t][c] (uint4: (code - zero) * scale) for a row
+// of a quantized part. Per block of columns the codes' dot with x accumulates in vectors; the
+// block's scale then multiplies the vectors, so a row costs one horizontal sum per token.
+template <typename Codes, int NT>
+REMOE_CPU_CLONES void quantized_dot_row(const DequantPart& part, const uint8_t* blob, int64_t r,
+                                        const float* xs, int64_t ldx, float* out) {
+  constexpr bool kZero = std::is_same_v<Codes, Uint4Codes>;
+  const int64_t cols = part.cols, bc = part.block_cols;
+  const int64_t grid_cols = (cols + bc - 1) / bc;
+  const uint8_t* codes = blob + part.code_offset;
+  // Elements before this row, in codes: 4-bit rows start on a byte (cols is even).
+  const uint8_t* row = codes + r * cols * Codes::kBits / 8;
+  const int64_t scale_row = (r / part.block_rows) * grid_cols;
+  Floats total[NT] = {};
+  float tail[NT] = {};
+  for (int64_t g = 0; g < grid_cols; ++g) {
+    const int64_t c0 = g * bc, c1 = std::min(cols, c0 + bc);
+    const float scale = decode_scale(part.scale_kind, blob + part.scale_offset, scale_row + g);
+    const float zero =
+        kZero ? decode_scale(part.scale_kind, blob + part.zero_offset, scale_row + g) : 0.0f;
+    Floats acc[NT] = {}, xsum[NT] = {};
+    int64_t c = c0;
+    for (; c + kLanes <= c1; c += kLanes) {
+      const Floats w = Codes::load(row, c);
+      for (int t = 0; t < NT; ++t) {
+        const Floats x = load_floats(xs + t * ldx + c);
+        acc[t] += w * x;
+        if constexpr (kZero) xsum[t] += x;
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      total[t] += scale * (kZero ? acc[t] - zero * xsum[t] : acc[t]);
+      for (int64_t j = c; j < c1; ++j) {
+        const float code = decode_code(part.code_kind, codes, r * cols + j);
+        tail[t] += (code - zero) * scale * xs[t * ldx + j];
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = lane_sum(total[t]) + tail[t];
+}
+
+template <int NT>
+void compressed_dot_row(const DequantPart& part, const uint8_t* blob, int64_t r, const float* xs,
+                        int64_t ldx, float* out) {
+  const uint8_t* codes = blob + part.code_offset;
+  const int64_t at = r * part.cols;
+  switch (part.code_kind) {
+    case kCodeF32:
+      return dot_row<float, NT>(reinterpret_cast<const float*>(codes) + at, xs, ldx, part.cols,
+                                out);
+    case kCodeBF16:
+      return dot_row<c10::BFloat16, NT>(reinterpret_cast<const c10::BFloat16*>(codes) + at, xs,
+                                        ldx, part.cols, out);
+    case kCodeF16:
+      return dot_row<c10::Half, NT>(reinterpret_cast<const c10::Half*>(codes) + at, xs, ldx,
+                                    part.cols, out);
+    case kCodeInt8: return quantized_dot_row<Int8Codes, NT>(part, blob, r, xs, ldx, out);
+    case kCodeUint4: return quantized_dot_row<Uint4Codes, NT>(part, blob, r, xs, ldx, out);
+    case kCodeFp8E4m3: return quantized_dot_row<Fp8Codes, NT>(part, blob, r, xs, ldx, out);
+    default: return quantized_dot_row<E2m1Codes, NT>(part, blob, r, xs, ldx, out);
+  }
+}
+
+void compressed_dot_row_n(int nt, const DequantPart& part, const uint8_t* blob, int64_t r,
+                          const float* xs, int64_t ldx, float* out) {
+  switch (nt) {
+    case 1: return compressed_dot_row<1>(part, blob, r, xs, ldx, out);
+    case 2: return compressed_dot_row<2>(part, blob, r, xs, ldx, out);
+    case 3: return compressed_dot_row<3>(part, blob, r, xs, ldx, out);
+    default: return compressed_dot_row<4>(part, blob, r, xs, ldx, out);
+  }
+}
+
+// The fp32 row r of matrix m of one blob, dotted with up to 4 token vectors.
+struct BlobRows {
+  const CompressedPlan& cp;
+  void dot(int nt, int64_t m, const uint8_t* blob, int64_t r, const float* xs, int64_t ldx,
+           float* out) const {
+    const int32_t i = cp.part_of_row[m][r];
+    compressed_dot_row_n(nt, cp.parts[i], blob, r - cp.row0[i], xs, ldx, out);
+  }
+  // A bias element (bias parts are one row of raw codes).
+  float bias(int64_t m, const uint8_t* blob, int64_t c) const {
+    const DequantPart& part = cp.parts[cp.part_of_row[m][0]];
+    return decode_code(part.code_kind, blob + part.code_offset, c);
+  }
+};
+
+void few_tokens_compressed(const at::Tensor& hidden, const SlotGroups& g, const at::Tensor& blobs,
+                           const CompressedPlan& cp, const MoeExpertsParams& p, at::Tensor& out) {
+  const int64_t P = static_cast<int64_t>(g.token.size());
+  if (P == 0) return;
+  const int64_t H = p.hidden, I = p.ffn;
+  const at::Tensor x = hidden.to(at::kFloat).contiguous();
+  std::vector<float> xg(P * H);
+  for (int64_t q = 0; q < P; ++q) {
+    std::memcpy(xg.data() + q * H, x.data_ptr<float>() + g.token[q] * H, H * sizeof(float));
+  }
+  const uint8_t* base = blobs.data_ptr<uint8_t>();
+  const int64_t blob_stride = blobs.stride(0);
+  const BlobRows rows{cp};
+  const int64_t groups = static_cast<int64_t>(g.slot.size());
+  const bool gated = p.layout != GateLayout::kNone;
+  const bool up_bias = cp.has[kParamUpBias], down_bias = cp.has[kParamDownBias];
+
+  // Pass 1: A[q, j] = gate(up rows of FFN input j . x_q), over (group, block of FFN inputs).
+  std::vector<float> A(P * I);
+  const int64_t blocks = (I + kRowBlock - 1) / kRowBlock;
+  const int64_t macs = kRowBlock * (gated ? 2 : 1) * H * (P / std::max<int64_t>(1, groups));
+  at::parallel_for(0, groups * blocks, grain_for(macs), [&](int64_t begin, int64_t end) {
+    float gate_v[kMaxRowTokens], up_v[kMaxRowTokens];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t gi = item / blocks;
+      const int64_t j0 = (item % blocks) * kRowBlock, j1 = std::min(I, j0 + kRowBlock);
+      const uint8_t* blob = base + g.slot[gi] * blob_stride;
+      for (int64_t q0 = g.begin[gi]; q0 < g.begin[gi + 1]; q0 += kMaxRowTokens) {
+        const int nt = static_cast<int>(std::min<int64_t>(kMaxRowTokens, g.begin[gi + 1] - q0));
+        const float* xs = xg.data() + q0 * H;
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t ur = up_row(j, p), gr = gate_row(j, p);
+          rows.dot(nt, kParamUp, blob, ur, xs, H, up_v);
+          if (gated) rows.dot(nt, kParamUp, blob, gr, xs, H, gate_v);
+          const float ub = up_bias ? rows.bias(kParamUpBias, blob, ur) : 0.0f;
+          const float gb = up_bias && gated ? rows.bias(kParamUpBias, blob, gr) : 0.0f;
+          for (int t = 0; t < nt; ++t) {
+            A[(q0 + t) * I + j] = expert_gate(gated ? gate_v[t] + gb : 0.0f, up_v[t] + ub, p);
+          }
+        }
+      }
+    }
+  });
+
+  // Pass 2: out[t, h] += w_q * (down row h . A[q] + bias[h]), each block of h owned by one thread
+  // that adds the pairs in a fixed order (deterministic).
+  float* o = out.data_ptr<float>();
+  const int64_t out_blocks = (H + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, out_blocks, grain_for(kRowBlock * I * P), [&](int64_t begin, int64_t end) {
+    float dots[kMaxRowTokens];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t h0 = block * kRowBlock, h1 = std::min(H, h0 + kRowBlock);
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        const uint8_t* blob = base + g.slot[gi] * blob_stride;
+        for (int64_t q0 = g.begin[gi]; q0 < g.begin[gi + 1]; q0 += kMaxRowTokens) {
+          const int nt = static_cast<int>(std::min<int64_t>(kMaxRowTokens, g.begin[gi + 1] - q0));
+          for (int64_t h = h0; h < h1; ++h) {
+            rows.dot(nt, kParamDown, blob, h, A.data() + q0 * I, I, dots);
+            const float bias = down_bias ? rows.bias(kParamDownBias, blob, h) : 0.0f;
+            for (int t = 0; t < nt; ++t) {
+              o[g.token[q0 + t] * H + h] += g.weight[q0 + t] * (dots[t] + bias);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Prefill: chunks of the routed slots dequantized into dense scratch experts, then the grouped
+// BLAS path on them.
+void many_tokens_compressed(const at::Tensor& hidden, const at::Tensor& slots,
+                            const at::Tensor& route_weights, const at::Tensor& blobs,
+                            const CompressedPlan& cp, MoeExpertsParams p, at::Tensor& out) {
+  const int64_t* s = slots.data_ptr<int64_t>();
+  const std::vector<int64_t> order = pairs_by_slot(s, p);
+  std::vector<int64_t> used;  // distinct slots, ascending
+  for (int64_t pair : order) {
+    if (used.empty() || used.back() != s[pair]) used.push_back(s[pair]);
+  }
+  const at::ScalarType dtype = hidden.scalar_type();
+  const int64_t dense_bytes = cp.dense_elements * c10::elementSize(dtype);
+  const int64_t chunk = std::max<int64_t>(1, kScratchBytes / dense_bytes);
+  const int64_t H = p.hidden, N = p.up_rows, I = p.ffn;
+  const uint8_t* base = blobs.data_ptr<uint8_t>();
+  std::vector<int64_t> local(p.num_slots, -1);
+  for (size_t c0 = 0; c0 < used.size(); c0 += chunk) {
+    const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(used.size() - c0));
+    at::Tensor scratch = at::empty({n, cp.dense_elements}, hidden.options());
+    uint8_t* dst = static_cast<uint8_t*>(scratch.data_ptr());
+    std::mutex failure_mu;
+    std::string failure;
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        try {
+          dequantize_host(cp.parts, base + used[c0 + i] * blobs.stride(0), dst + i * dense_bytes,
+                          dtype);
+        } catch (const std::runtime_error& e) {  // a non-finite scale: reported below
+          std::lock_guard<std::mutex> lock(failure_mu);
+          failure = e.what();
+        }
+      }
+    });
+    TORCH_CHECK(failure.empty(), "moe_experts_compressed: ", failure);
+    // The pairs of this chunk's slots, renumbered into the scratch; the others are -1 here.
+    for (int64_t i = 0; i < n; ++i) local[used[c0 + i]] = i;
+    at::Tensor chunk_slots = at::empty_like(slots);
+    int64_t* cs = chunk_slots.data_ptr<int64_t>();
+    for (int64_t i = 0; i < slots.numel(); ++i) cs[i] = s[i] >= 0 ? local[s[i]] : -1;
+    for (int64_t i = 0; i < n; ++i) local[used[c0 + i]] = -1;
+    const auto view = [&](int64_t m, std::vector<int64_t> shape) {
+      int64_t numel = 1;
+      for (int64_t d : shape) numel *= d;
+      shape.insert(shape.begin(), n);
+      return scratch.narrow(1, cp.param_base[m], numel).view(shape);
+    };
+    MoeExpertsParams q = p;
+    q.num_slots = n;
+    q.transposed = false;
+    const std::optional<at::Tensor> up_bias =
+        cp.has[kParamUpBias] ? std::optional<at::Tensor>(view(kParamUpBias, {N})) : std::nullopt;
+    const std::optional<at::Tensor> down_bias =
+        cp.has[kParamDownBias] ? std::optional<at::Tensor>(view(kParamDownBias, {H}))
+                               : std::nullopt;
+    moe_experts_grouped(hidden, chunk_slots, route_weights, view(kParamUp, {N, H}), up_bias,
+                        view(kParamDown, {H, I}), down_bias, q, &apply_gate_cpu, out);
+  }
+}
+
+at::Tensor moe_experts_compressed_cpu(const at::Tensor& hidden, const at::Tensor& slots,
+                                      const at::Tensor& route_weights, const at::Tensor& blobs,
+                                      const at::Tensor& plan, int64_t up_rows,
+                                      std::string_view gate, std::string_view activation,
+                                      std::string_view clamp, double limit, double alpha,
+                                      double up_offset) {
+  MoeExpertsParams p = check_routed_inputs(hidden, slots, route_weights, gate, activation, clamp,
+                                           limit, alpha, up_offset);
+  set_up_rows(p, up_rows);
+  TORCH_CHECK(blobs.dim() == 2 && blobs.scalar_type() == at::kByte && blobs.stride(1) == 1 &&
+                  blobs.device() == hidden.device(),
+              "moe_experts_compressed: blobs must be uint8 [slots, blob_bytes] on ",
+              hidden.device(), " with dense rows, got ", blobs.scalar_type(), " ", blobs.sizes(),
+              " strides ", blobs.strides(), " on ", blobs.device());
+  p.num_slots = blobs.size(0);
+  const CompressedPlan cp = parse_compute_plan(plan, p, blobs.size(1), hidden.scalar_type());
+  p.has_up_bias = cp.has[kParamUpBias];
+  p.has_down_bias = cp.has[kParamDownBias];
+  at::Tensor out = at::zeros({p.num_tokens, p.hidden}, hidden.options().dtype(at::kFloat));
+  if (p.num_tokens == 0) return out;
+  const at::Tensor slots_c = slots.contiguous();
+  if (p.num_tokens > kMaxFusedTokens) {
+    many_tokens_compressed(hidden, slots_c, route_weights, blobs, cp, p, out);
+    return out;
+  }
+  const SlotGroups g = group_by_slot(slots_c, route_weights.to(at::kFloat).contiguous(), p);
+  few_tokens_compressed(hidden, g, blobs, cp, p, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(remoe, CPU, m) { m.impl("moe_experts_compressed", &moe_experts_compressed_cpu); }
+
+}  // namespace remoe
