@@ -154,30 +154,66 @@ def quantize_tables() -> list[list[str]]:
             data = json.load(f)
         path = os.path.relpath(path, ROOT)
         rows = data["rows"]
-        base = next((r for r in rows if r.get("quantize") == "bf16"), rows[0])
+        # Rows written before compressed slots existed held dequantized slots.
+        for r in rows:
+            r.setdefault("slot_format", "dequantized")
+        base = next((r for r in rows if r.get("quantize") == "bf16"
+                     and r["slot_format"] == "dequantized"), rows[0])
+        budget = data["memory_budget"]
         lines = [f"**Compressed experts, CPU** ([`{path}`]({path}), {data['date']}, "
                  f"`{data['command']}`): the built-in model, experts read from disk (O_DIRECT: "
-                 f"{data['o_direct']}) under {data['memory_budget'] / 2**20:.2f} MiB of "
-                 f"{data['expert_bytes'] / 2**20:.0f} MiB of experts (slots hold float32, the "
-                 f"compute dtype), {data['eval_tokens']} held-out tokens decoded one at a time, "
-                 "every configuration in the same interleaved run; ratios against the bf16 row "
-                 f"({base['name']}).", "",
-                 "| experts stored as | bytes / expert | KB read / token | read vs bf16 | hit rate "
-                 "| TPOT ms | TPOT vs bf16 | floor ms | ppl | ppl vs bf16 | EOR |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 f"{data['o_direct']}) under {budget / 2**20:.2f} MiB of "
+                 f"{data['expert_bytes'] / 2**20:.0f} MiB of experts, {data['eval_tokens']} "
+                 "held-out tokens decoded one at a time, every configuration in the same "
+                 "interleaved run; ratios against the bf16 row with dequantized slots "
+                 f"({base['name']}). Slots: \"dequantized\" holds each expert in float32 (the "
+                 "compute dtype), \"compressed\" its blob (the fused op decodes it), so the "
+                 "same budget holds more experts.", "",
+                 "| experts stored as | slots | bytes / expert | slots in budget "
+                 "| KB read / token | read vs bf16 | hit rate | TPOT ms | TPOT vs bf16 | floor ms "
+                 "| ppl | ppl vs bf16 | EOR |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             stored = r.get("quantize") or "float32 (checkpoint)"
             read = r["bytes_read_per_token"]
             ratio = base["bytes_read_per_token"] / read if read else float("inf")
             versus = f"{ratio:.2f}x less" if ratio >= 1 else f"{1 / ratio:.2f}x more"
+            slot_bytes = (r["blob_bytes"] if r["slot_format"] == "compressed"
+                          else data["expert_bytes"] // (data["layers"] * data["experts"]))
             lines.append(
-                f"| {stored} | {r['blob_bytes']} | {read / 1024:.0f} | {versus} | "
+                f"| {stored} | {r['slot_format']} | {r['blob_bytes']} | "
+                f"{budget // slot_bytes} | {read / 1024:.0f} | {versus} | "
                 f"{r['hit_rate']:.3f} | "
                 f"{r['tpot_ms']:.1f} | {base['tpot_ms'] / r['tpot_ms']:.2f}x | "
                 f"{r['floor_ms']:.1f} | {r['perplexity']:.2f} | "
                 f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}% | {r['eor']:.3f} |")
         tables.append(lines)
     return tables
+
+
+def compressed_compute_table() -> list[str]:
+    found = _latest("compressed-compute-cpu-*.json")
+    if not found:
+        return []
+    path, data = found
+    load = "/".join(f"{x:.1f}" for x in data["load_average"])
+    e = data["expert"]
+    lines = [f"**Computing from compressed slots, CPU** ([`{path}`]({path}), {data['date']}, "
+             f"`{data['command']}`): one MoE layer of experts of Qwen3-30B-A3B's shape "
+             f"(H={e['H']}, I={e['I']}, K={e['K']}) computed by the fused op from compressed "
+             "blobs (`ops.moe_experts_compressed`) and from the same experts dequantized into "
+             f"float32 / bfloat16 slots (`ops.moe_experts`), {data['machine']['threads']} "
+             f"thread(s), median of {data['rounds']} interleaved rounds, load average {load}. "
+             "decode: 1 token (codes decoded in registers); prefill: 128 tokens over "
+             f"{e['slots']} experts (routed blobs dequantized into a scratch, then BLAS). "
+             "GB/s: the slot bytes the call reads.", "",
+             "| case | slots hold | bytes / slot | ms / layer | GB/s of slots "
+             "| time vs bf16 slots |",
+             "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['case']} | {r['provider']} | {r['slot_bytes']} | {r['ms']:.2f} | "
+                     f"{r['gbps']:.1f} | {r['vs_bf16']:.2f}x |")
+    return lines
 
 
 def dequant_table() -> list[str]:
@@ -401,7 +437,8 @@ def scale_table(found: tuple[str, dict] | None = None) -> list[str]:
 
 def render() -> str:
     blocks = [table for table in (run_table(), learned_bias_table(), *quantize_tables(),
-                                  dequant_table(), serve_table(), experts_table(),
+                                  dequant_table(), compressed_compute_table(), serve_table(),
+                                  experts_table(),
                                   families_table(), routing_table(),
                                   pool_table(), e2e_table(), prefetch_table(), scale_table(),
                                   gpu_table())

@@ -63,6 +63,9 @@ class RunSettings:
     # Compressed expert schemes (remoe_engine.quant.parse_scheme), one more row each: the
     # original router, no bias, experts packed with `remoe pack --quantize SCHEME`.
     quantize: tuple[str, ...] = ()
+    # What the compressed rows' slots hold (load()'s slot_format), or "both": two rows per
+    # scheme, "SCHEME/compressed" and "SCHEME/dequantized".
+    slot_format: str = "auto"
 
 
 @dataclass
@@ -72,6 +75,7 @@ class RowResult:
     reuse_bias: float
     bias_source: str | None
     quantize: str | None = None  # the compressed scheme its experts were packed with
+    slot_format: str = "dequantized"  # what its slots held (compressed blobs or dequantized)
     blob_bytes: int = 0  # bytes one expert takes on disk (and per miss)
     tokens_per_s: float = 0.0
     tpot_ms: float = 0.0
@@ -135,8 +139,21 @@ def configurations(settings: RunSettings
                             None))
     if settings.learned_delta is not None:
         configs.append(("learned", settings.learned_delta, 0.0, source, None))
-    configs += [(f"original@{scheme}", None, 0.0, source, scheme) for scheme in settings.quantize]
+    formats = (["compressed", "dequantized"] if settings.slot_format == "both"
+               else [None] if settings.slot_format == "auto" else [settings.slot_format])
+    for scheme in settings.quantize:
+        for fmt in formats:
+            row_scheme = scheme if fmt is None else f"{scheme}/{fmt}"
+            configs.append((f"original@{row_scheme}", None, 0.0, source, row_scheme))
     return configs
+
+
+def split_scheme(row_scheme: str | None) -> tuple[str | None, str]:
+    """A row's "SCHEME[/SLOT_FORMAT]" -> (scheme or None, load()'s slot_format)."""
+    if row_scheme is None:
+        return None, "auto"
+    scheme, _, fmt = row_scheme.partition("/")
+    return scheme, fmt or "auto"
 
 
 def run(settings: RunSettings, log=print) -> dict:
@@ -158,7 +175,7 @@ def run(settings: RunSettings, log=print) -> dict:
         log("packing the experts into one file (one read per miss)...")
         packed = {None: str(store.pack(os.path.join(tmp, "experts.remoe"),
                                        progress=settings.progress))}
-        for i, scheme in enumerate(settings.quantize):
+        for i, scheme in enumerate(dict.fromkeys(settings.quantize)):
             log(f"packing the experts as {scheme}...")
             packed[scheme] = str(store.pack(os.path.join(tmp, f"experts-{i}.remoe"),
                                             progress=settings.progress, quantize=scheme))
@@ -208,10 +225,11 @@ def _load_all(settings: RunSettings, packed: dict, direct: bool, budget: int | N
     pool_size = (dict(memory_budget=budget) if budget is not None
                  else dict(slots_per_layer=settings.slots_per_layer))
     models = []
-    for _, delta, bias, source, scheme in tqdm(configurations(settings), desc="loading",
-                                               leave=False, disable=not settings.progress):
+    for _, delta, bias, source, row_scheme in tqdm(configurations(settings), desc="loading",
+                                                   leave=False, disable=not settings.progress):
+        scheme, slot_format = split_scheme(row_scheme)
         model = remoe_engine.load(settings.model, store="disk", packed=packed[scheme],
-                                  o_direct=direct,
+                                  o_direct=direct, slot_format=slot_format,
                                   device=settings.device, dtype=COMPUTE_DTYPE,
                                   policy=settings.policy, prefetch=settings.prefetch,
                                   reuse_bias=bias, bias_source=source, **pool_size)
@@ -290,7 +308,8 @@ def _row(name: str, delta: str | None, scheme: str | None, settings: RunSettings
     return RowResult(
         name=name, router="learned" if learned is not None else "remoe" if delta else "original",
         reuse_bias=bias, bias_source=handle.bias_source if bias else None, text=text,
-        quantize=scheme, blob_bytes=handle.pool.store.blob_bytes,
+        quantize=split_scheme(scheme)[0], slot_format=handle.pool.slot_format,
+        blob_bytes=handle.pool.store.blob_bytes,
         tokens_per_s=1.0 / tpot, tpot_ms=tpot * 1e3,
         tpot_p90_ms=sorted(steps)[int(0.9 * (decoded - 1))] * 1e3,
         floor_ms=max(t_compute, bytes_per_token / bandwidth) * 1e3,

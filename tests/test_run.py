@@ -146,6 +146,25 @@ def test_quantize_adds_one_row_per_scheme(capsys):
     assert int4["perplexity"] == pytest.approx(full["perplexity"], rel=0.1)
 
 
+def test_slot_format_both_compares_compressed_and_dequantized_slots(capsys):
+    """Two rows per scheme: the same budget holds more compressed slots, so they read fewer
+    bytes per token, and both compute the same model (same perplexity to rounding)."""
+    assert cli.main(["run", "--json", "--max-new-tokens", "3", "--eval-tokens", "24",
+                     "--router-delta", "none", "--learned-delta", "none", "--reuse-bias", "0",
+                     "--memory-budget", "1MiB", "--quantize", "int4:g32",
+                     "--slot-format", "both"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["original", "original@int4:g32/compressed",
+                          "original@int4:g32/dequantized"]
+    packed, dense = rows["original@int4:g32/compressed"], rows["original@int4:g32/dequantized"]
+    assert packed["slot_format"] == "compressed" and dense["slot_format"] == "dequantized"
+    assert packed["quantize"] == dense["quantize"] == "int4:g32"
+    assert packed["hit_rate"] > dense["hit_rate"]
+    assert packed["bytes_read_per_token"] < dense["bytes_read_per_token"]
+    assert packed["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-4)
+
+
 def test_quantize_refuses_an_unknown_scheme(capsys):
     assert cli.main(["run", "--quantize", "int8,int3"]) == 2
     assert "--quantize 'int3'" in capsys.readouterr().err

@@ -72,9 +72,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "model; see bench/bench_prefetch.py)")
     parser.add_argument("--quantize", default=None, metavar="SCHEMES",
                         help="comma-separated compressed expert schemes, one more row each "
-                        "(original router, experts packed compressed and dequantized into the "
-                        "slots as they load): int8, int8:gN, int4:gN, int4:gN+hqq, fp8, mxfp4, "
-                        "bf16")
+                        "(original router, experts packed compressed): int8, int8:gN, int4:gN, "
+                        "int4:gN+hqq, fp8, mxfp4, bf16")
+    parser.add_argument("--slot-format", default="auto",
+                        choices=["auto", "compressed", "dequantized", "both"],
+                        help="what the --quantize rows' slots hold: the compressed blobs "
+                        "(computed from directly; a budget holds more experts), the experts "
+                        "dequantized into float32 on every load, both (two rows per scheme), or "
+                        "auto (load()'s default: compressed on the CPU)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--out", default=None,
                         help="also write the report as JSON to this file, with the date, the "
@@ -182,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
         router_delta=delta, learned_delta=learned, device=args.device,
         prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
         max_new_tokens=args.max_new_tokens, eval_tokens=args.eval_tokens,
-        eval_text=args.eval_text, progress=progress, prefetch=args.prefetch, quantize=schemes)
+        eval_text=args.eval_text, progress=progress, prefetch=args.prefetch, quantize=schemes,
+        slot_format=args.slot_format)
     log = (lambda line: print(f"remoe run: {line}", file=sys.stderr, flush=True)) if progress \
         else (lambda line: None)
     try:
