@@ -209,9 +209,10 @@ def quant_e2e_table() -> list[str]:
              f"{100 * data['bf16_tpot_share_beyond_compute']:.0f}% of bf16's TPOT is beyond "
              "compute, so a row that read nothing at all would be "
              f"{1 / (1 - data['bf16_tpot_share_beyond_compute']):.2f}x faster than bf16.", "",
-             "| experts stored as | slots | bytes / expert | KB read / token | read vs bf16 "
-             "| hit rate | TPOT ms | TPOT vs bf16 | floor ms (compute / reads) | stall ms / token "
-             "| max logit error (relative) | greedy agreement | targets (read / TPOT) |",
+             "| experts stored as | slots: how many | bytes / expert | KB read / token "
+             "| read vs bf16 | hit rate | TPOT ms | TPOT vs bf16 | floor ms (compute / reads) "
+             "| stall ms / token | max logit error (relative) | greedy agreement "
+             "| targets (read / TPOT) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = "-"
@@ -220,7 +221,7 @@ def quant_e2e_table() -> list[str]:
                       f" / {r['target']['tpot_speedup']}x "
                       f"{'met' if r['tpot_target_met'] else 'missed'}")
         lines.append(
-            f"| {r['name']} | {r['slots']} | {r['blob_bytes']} | "
+            f"| {r['name']} | {r['slots']}: {r['pool_slots']} | {r['blob_bytes']} | "
             f"{r['bytes_read_per_token'] / 1024:.0f} | {r['bytes_less_than_bf16']:.2f}x less | "
             f"{r['hit_rate']:.3f} | {r['tpot_ms_p50']:.1f} | "
             f"{base['tpot_ms_p50'] / r['tpot_ms_p50']:.2f}x | {r['floor_ms']:.1f} "
