@@ -48,9 +48,9 @@ SLOTS = [K, 2 * K, E // 4, E]
 RESULTS: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
+def build_checkpoint(path) -> torch.nn.Module:
+    """The e2e model (seeded random weights, fp32) saved as a checkpoint at `path`; returns it.
+    bench/bench_quant_e2e.py builds the same model through this."""
     torch.manual_seed(0)
     config = AutoConfig.for_model(
         "qwen3_moe", vocab_size=4096, hidden_size=H, num_hidden_layers=LAYERS,
@@ -58,7 +58,14 @@ def checkpoint(tmp_path_factory):
         moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True,
         max_position_embeddings=512, tie_word_embeddings=False)
     model = AutoModelForCausalLM.from_config(config).eval()
-    model.save_pretrained(root / "ckpt")
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    model = build_checkpoint(root / "ckpt")
     ExpertStore.from_checkpoint(root / "ckpt").pack(root / "experts.remoe", progress=False)
     blocks = find_moe_blocks(model)
     expert_bytes = sum(p.numel() * p.element_size() for b in blocks for p in b.experts.parameters())

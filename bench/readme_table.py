@@ -216,6 +216,57 @@ def compressed_compute_table() -> list[str]:
     return lines
 
 
+def quant_e2e_table() -> list[str]:
+    """bench/bench_quant_e2e.py: every compressed scheme on the e2e model at one budget, against
+    the bf16 row of the same run."""
+    found = _latest("quant-e2e-cpu-*.json")
+    if not found:
+        return []
+    path, data = found
+    m, rows = data["model"], data["rows"]
+    base = next(r for r in rows if r["scheme"] == "bf16")
+    load = "/".join(f"{x:.1f}" for x in (data["load_average"]["before"][0],
+                                         data["load_average"]["after"][0]))
+    lines = [f"**Compressed experts on the e2e model, CPU** ([`{path}`]({path}), {data['date']}, "
+             f"`{data['command']}`): Qwen3-MoE shape (hidden {m['hidden']}, {m['layers']} layers, "
+             f"{m['experts']} experts, top-{m['top_k']}, random weights), computing in "
+             f"{m['compute_dtype']}, experts read from disk (O_DIRECT, "
+             f"{data['read_gbps']:.2f} GB/s sequential) under the same "
+             f"{data['memory_budget'] / 2**20:.0f} MiB for every row ({data['budget_note']}); "
+             f"{data['rounds']} rounds of {data['tokens_per_round']} decode steps, providers "
+             f"interleaved round by round, {data['machine']['torch_threads']} torch thread, "
+             f"machine load average {load}. Decoded tokens are a fixed random sequence, the same "
+             "for every row (greedy decoding of this random model repeats one token). Floor = "
+             "max(TPOT with every expert resident, bytes read per token / sequential read "
+             "bandwidth); stall = time the forward waited for loads (read, check, dequantize). "
+             "Logit error: one 64-token forward against the bf16 row (each row first checked "
+             "against transformers with the same expert weights, <= 1e-5). Targets (issue 14): "
+             "bytes read 1.9x (8-bit) / 3.5x (4-bit) less, TPOT 1.5x / 2.5x faster than bf16; "
+             f"{100 * data['bf16_tpot_share_beyond_compute']:.0f}% of bf16's TPOT is beyond "
+             "compute, so a row that read nothing at all would be "
+             f"{1 / (1 - data['bf16_tpot_share_beyond_compute']):.2f}x faster than bf16.", "",
+             "| experts stored as | slots: how many | bytes / expert | KB read / token "
+             "| read vs bf16 | hit rate | TPOT ms | TPOT vs bf16 | floor ms (compute / reads) "
+             "| stall ms / token | max logit error (relative) | greedy agreement "
+             "| targets (read / TPOT) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        target = "-"
+        if "target" in r:
+            target = (f"{r['target']['bytes_less']}x {'met' if r['bytes_target_met'] else 'missed'}"
+                      f" / {r['target']['tpot_speedup']}x "
+                      f"{'met' if r['tpot_target_met'] else 'missed'}")
+        lines.append(
+            f"| {r['name']} | {r['slots']}: {r['pool_slots']} | {r['blob_bytes']} | "
+            f"{r['bytes_read_per_token'] / 1024:.0f} | {r['bytes_less_than_bf16']:.2f}x less | "
+            f"{r['hit_rate']:.3f} | {r['tpot_ms_p50']:.1f} | "
+            f"{base['tpot_ms_p50'] / r['tpot_ms_p50']:.2f}x | {r['floor_ms']:.1f} "
+            f"({r['compute_floor_ms']:.1f} / {r['io_floor_ms']:.1f}) | "
+            f"{r['stall_ms_per_token']:.1f} | {r['logit_max_abs_vs_bf16']:.3f} "
+            f"({r['logit_rel_vs_bf16']:.3f}) | {r['greedy_agreement_vs_bf16']:.3f} | {target} |")
+    return lines
+
+
 def dequant_table() -> list[str]:
     found = _latest("quant-cpu-*.json")
     if not found:
@@ -437,8 +488,8 @@ def scale_table(found: tuple[str, dict] | None = None) -> list[str]:
 
 def render() -> str:
     blocks = [table for table in (run_table(), learned_bias_table(), *quantize_tables(),
-                                  dequant_table(), compressed_compute_table(), serve_table(),
-                                  experts_table(),
+                                  quant_e2e_table(), dequant_table(),
+                                  compressed_compute_table(), serve_table(), experts_table(),
                                   families_table(), routing_table(),
                                   pool_table(), e2e_table(), prefetch_table(), scale_table(),
                                   gpu_table())
