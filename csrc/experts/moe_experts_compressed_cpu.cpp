@@ -46,8 +46,20 @@ namespace {
 enum ComputeParam : int64_t { kParamUp = 0, kParamUpBias = 1, kParamDown = 2, kParamDownBias = 3 };
 constexpr int64_t kNumParams = 4;
 constexpr int64_t kComputeFields = 11;  // param, row0, then DequantPart's code/scale fields
-// Prefill dequantizes routed slots into a scratch of at most this many bytes at a time.
-constexpr int64_t kScratchBytes = int64_t{256} << 20;
+// Prefill dequantizes routed slots into a scratch of at most this many bytes at a time (or one
+// expert, if larger). The scratch is kept between calls (per calling thread): a fresh one would
+// be fresh pages, and faulting them in cost more than dequantizing into them.
+constexpr int64_t kScratchBytes = int64_t{64} << 20;
+
+// The calling thread's scratch, grown to `bytes` when smaller.
+uint8_t* scratch_of(int64_t bytes) {
+  thread_local std::vector<uint8_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < bytes) {
+    scratch = std::vector<uint8_t>();  // release the old one first
+    scratch.resize(bytes);
+  }
+  return scratch.data();
+}
 
 struct CompressedPlan {
   std::vector<DequantPart> parts;  // destinations: a dense expert [up | up_bias | down | down_bias]
@@ -400,8 +412,9 @@ void many_tokens_compressed(const at::Tensor& hidden, const at::Tensor& slots,
   std::vector<int64_t> local(p.num_slots, -1);
   for (size_t c0 = 0; c0 < used.size(); c0 += chunk) {
     const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(used.size() - c0));
-    at::Tensor scratch = at::empty({n, cp.dense_elements}, hidden.options());
-    uint8_t* dst = static_cast<uint8_t*>(scratch.data_ptr());
+    uint8_t* dst = scratch_of(n * dense_bytes);
+    const at::Tensor scratch =
+        at::from_blob(dst, {n, cp.dense_elements}, hidden.options());
     std::mutex failure_mu;
     std::string failure;
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
