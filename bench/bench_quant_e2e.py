@@ -7,11 +7,13 @@ the fast dtype (what `remoe run` computes in), and a bf16-stored expert dequanti
 slot is exact, so the bf16 row can be checked exactly against transformers.
 
 Providers (the PROVIDERS table below), each its own `remoe_engine.load(ckpt, packed=PACK,
-memory_budget=BUDGET, o_direct=True, store="disk", dtype=float32)` of a pack written by
-`remoe pack --quantize SCHEME` (`ExpertStore.pack`, the function the command calls): bf16 (the
-baseline), fp8, mxfp4, int8, int4:g128, int4:g32. The budget is the same bytes for every row:
-2K experts per layer of bf16 (12 x 8 x 768 KiB = 72 MiB), which today's slots, holding the
-dequantized float32 expert (1.5 MiB), fill with K per layer, the least a token needs.
+memory_budget=BUDGET, o_direct=True, store="disk", dtype=float32, slot_format=FORMAT)` of a pack
+written by `remoe pack --quantize SCHEME` (`ExpertStore.pack`, the function the command calls):
+bf16 (the baseline, dequantized slots), fp8, mxfp4, int8, int4:g128, int4:g32, each with
+dequantized and with compressed slots. The budget is the same bytes for every row:
+2K experts per layer of bf16 (12 x 8 x 768 KiB = 72 MiB), which slots holding the dequantized
+float32 expert (1.5 MiB) fill with K per layer, the least a token needs, and slots holding the
+compressed blob (load(slot_format="compressed")) with as many more as the compression ratio.
 
 Timed pass: ROUNDS rounds after one warm-up round; in each round every provider in turn (A, B,
 C, ..., A, B, C, ...) prefills the same 32-token prompt and then decodes TOKENS tokens one at a
@@ -69,19 +71,16 @@ from remoe_engine.hf_compat import cache_kwargs  # noqa: E402
 from remoe_engine.quant import parse_scheme  # noqa: E402
 from remoe_engine.store import ExpertStore, measure_read_bandwidth  # noqa: E402
 
-# One row per provider: (name, scheme packed with `remoe pack --quantize`, extra load() kwargs).
-# A row for another load option is one line, e.g.
-#   ("int4:g32 compressed", "int4:g32", {"slot_format": "compressed"}),
-# Rows with extra kwargs get a full-cache twin of their own (scheme and kwargs) for T_compute;
-# rows without share one twin of the bf16 pack (their slots all hold float32 experts).
+SCHEMES = ("bf16", "fp8", "mxfp4", "int8", "int4:g128", "int4:g32")
+# One row per provider: (name, scheme packed with `remoe pack --quantize`, extra load() kwargs):
+# every scheme with its slots holding the expert dequantized into float32 and holding the
+# compressed blob (load()'s slot_format). Dequantized rows share one full-cache twin (of the bf16
+# pack: their slots all hold the same float32 experts up to quantization) for T_compute; a
+# compressed row gets its own (it computes from its own format).
 PROVIDERS: list[tuple[str, str, dict]] = [
-    ("bf16", "bf16", {}),
-    ("fp8", "fp8", {}),
-    ("mxfp4", "mxfp4", {}),
-    ("int8", "int8", {}),
-    ("int4:g128", "int4:g128", {}),
-    ("int4:g32", "int4:g32", {}),
-]
+    (name, scheme, {"slot_format": fmt})
+    for scheme in SCHEMES
+    for name, fmt in ((scheme, "dequantized"), (f"{scheme} compressed", "compressed"))]
 BASELINE = "bf16"
 # Issue 14's targets at the same budget, by bits per weight: bytes read per token at least this
 # many times less than bf16, TPOT at least this many times faster where reads dominate.
@@ -107,16 +106,17 @@ def _bits(scheme: str) -> int:
 
 def _slots_label(kwargs: dict) -> str:
     """What a row's slots hold (the README's "slots" column)."""
-    if not kwargs:
+    if kwargs.get("slot_format", "dequantized") == "dequantized":
         return f"dequantized ({str(COMPUTE_DTYPE).removeprefix('torch.')})"
-    return ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
+    return kwargs["slot_format"]
 
 
 def _floor_key(scheme: str, kwargs: dict) -> tuple:
-    """Rows whose T_compute is the same share a full-cache twin: plain rows compute from float32
-    slots whatever their scheme; a row with extra kwargs (e.g. compressed slots) computes from
-    its own format."""
-    return (BASELINE, ()) if not kwargs else (scheme, tuple(sorted(kwargs.items())))
+    """Rows whose T_compute is the same share a full-cache twin: dequantized rows compute from
+    float32 slots whatever their scheme; a compressed row computes from its own format."""
+    if kwargs.get("slot_format", "dequantized") == "dequantized":
+        return (BASELINE, tuple(sorted(kwargs.items())))
+    return (scheme, tuple(sorted(kwargs.items())))
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +194,9 @@ def _run(benchmark, setup):
     check = _tokens(CHECK_TOKENS, seed=3)
     logits = {}
     with torch.no_grad():
-        for name, scheme, kwargs in PROVIDERS:
+        for name, scheme, _ in PROVIDERS:
             logits[name] = rows[name](check).logits[0].float()
-            ref = _reference(setup["model"], None if scheme == BASELINE and not kwargs
+            ref = _reference(setup["model"], None if name == BASELINE
                              else setup["packs"][scheme])
             err = (ref(check).logits[0].float() - logits[name]).abs().max().item()
             del ref
@@ -317,7 +317,8 @@ def _run(benchmark, setup):
         load_average=dict(before=load_before, after=load_after),
         model=dict(family="qwen3_moe", hidden=512, layers=LAYERS, experts=E, top_k=K,
                    moe_intermediate=256, compute_dtype="float32", checkpoint_dtype="float32"),
-        memory_budget=BUDGET, budget_note="2K bf16 experts per layer; K float32 slots per layer",
+        memory_budget=BUDGET, budget_note="2K bf16 experts per layer; K float32 slots per layer "
+        "when dequantized, budget // blob bytes when compressed",
         prompt=PROMPT, tokens_per_round=TOKENS, rounds=ROUNDS, warmup_rounds=1,
         decode="teacher-forced fixed random tokens, one token per forward with the KV cache",
         check_tokens=CHECK_TOKENS, read_gbps=bandwidth / 1e9,

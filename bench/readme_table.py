@@ -216,6 +216,11 @@ def compressed_compute_table() -> list[str]:
     return lines
 
 
+def _less(ratio: float) -> str:
+    """A bytes-read ratio against the baseline; infinite when the row read nothing."""
+    return "nothing read (all resident)" if ratio == float("inf") else f"{ratio:.2f}x less"
+
+
 def quant_e2e_table() -> list[str]:
     """bench/bench_quant_e2e.py: every compressed scheme on the e2e model at one budget, against
     the bf16 row of the same run."""
@@ -224,7 +229,7 @@ def quant_e2e_table() -> list[str]:
         return []
     path, data = found
     m, rows = data["model"], data["rows"]
-    base = next(r for r in rows if r["scheme"] == "bf16")
+    base = next(r for r in rows if r["name"] == "bf16")
     load = "/".join(f"{x:.1f}" for x in (data["load_average"]["before"][0],
                                          data["load_average"]["after"][0]))
     lines = [f"**Compressed experts on the e2e model, CPU** ([`{path}`]({path}), {data['date']}, "
@@ -258,7 +263,8 @@ def quant_e2e_table() -> list[str]:
                       f"{'met' if r['tpot_target_met'] else 'missed'}")
         lines.append(
             f"| {r['name']} | {r['slots']}: {r['pool_slots']} | {r['blob_bytes']} | "
-            f"{r['bytes_read_per_token'] / 1024:.0f} | {r['bytes_less_than_bf16']:.2f}x less | "
+            f"{r['bytes_read_per_token'] / 1024:.0f} | "
+            f"{_less(r['bytes_less_than_bf16'])} | "
             f"{r['hit_rate']:.3f} | {r['tpot_ms_p50']:.1f} | "
             f"{base['tpot_ms_p50'] / r['tpot_ms_p50']:.2f}x | {r['floor_ms']:.1f} "
             f"({r['compute_floor_ms']:.1f} / {r['io_floor_ms']:.1f}) | "
