@@ -328,8 +328,9 @@ remoe        the router delta shipped with the model (router-delta.safetensors: 
 +bias        the cache-aware reuse bias (column "bias") toward {source} experts
 learned      a reuse bias whose strengths were trained (remoe finetune --learn-bias; column
              "bias": the largest strength)
-@SCHEME      experts packed compressed (remoe pack --quantize SCHEME), dequantized into the
-             slots (compute dtype) as each one loads
+@SCHEME      experts packed compressed (remoe pack --quantize SCHEME); the slots hold the
+             compressed blobs (/compressed, the CPU default: more experts per budget) or the
+             experts dequantized into the compute dtype as each loads (/dequantized)
 floor        max(TPOT with every expert resident, KB read per token / read bandwidth),
              measured in the same interleaved run
 hit rate     expert lookups served from the pool without a read

@@ -84,3 +84,19 @@ def write_mxfp4(model, directory: Path) -> Path:
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
         "lm_head"]})
     return directory
+
+
+def with_dequantized_experts(model, store):
+    """A copy of `model` whose routed experts are a compressed store's dequantized tensors
+    (float32): what loading that store must compute."""
+    import copy
+
+    from remoe_engine.families import find_moe_blocks
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in find_moe_blocks(ref):
+            for e in range(store.num_experts):
+                for name, t in store.expert_tensors(block.layer_idx, e, torch.float32).items():
+                    getattr(block.experts, name)[e].copy_(t)
+    return ref

@@ -303,25 +303,12 @@ def test_load_compressed_slots_equals_transformers_and_dequantized_slots(kind, t
     if packed is None:
         ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     else:
-        ref = _with_dequantized_experts(int4_pack[0], ExpertStore.from_packed(packed))
+        ref = quant_ckpt.with_dequantized_experts(int4_pack[0],
+                                                  ExpertStore.from_packed(packed))
     want_logits, want_tokens = _logits_and_tokens(ref, ids)
     for slot_format, (logits, tokens) in results.items():
         assert (logits - want_logits).abs().max().item() <= 1e-5, slot_format
         assert torch.equal(tokens, want_tokens), slot_format
-
-
-def _with_dequantized_experts(model, store):
-    import copy
-
-    from remoe_engine.families import find_moe_blocks
-
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for block in find_moe_blocks(ref):
-            for e in range(store.num_experts):
-                for name, t in store.expert_tensors(block.layer_idx, e, torch.float32).items():
-                    getattr(block.experts, name)[e].copy_(t)
-    return ref
 
 
 def test_per_expert_path_on_compressed_slots_dequantizes_on_use(int4_pack):

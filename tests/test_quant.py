@@ -437,20 +437,13 @@ def test_load_packed_quantized_matches_its_dequantized_model(fp8_ckpt, tmp_path,
     the reference dequantization of the packed blobs (fp32 logits <= 1e-5, same greedy
     tokens), and stays near the unquantized model."""
     import remoe_engine
-    from remoe_engine.families import find_moe_blocks
 
     model, _ = fp8_ckpt
     source = tmp_path / "ckpt"
     model.save_pretrained(source)
     out = ExpertStore.from_checkpoint(source).pack(tmp_path / "q.remoe", progress=False,
                                                    quantize=scheme)
-    packed = ExpertStore.from_packed(out)
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for block in find_moe_blocks(ref):
-            for e in range(packed.num_experts):
-                for name, t in packed.expert_tensors(block.layer_idx, e, torch.float32).items():
-                    getattr(block.experts, name)[e].copy_(t)
+    ref = quant_ckpt.with_dequantized_experts(model, ExpertStore.from_packed(out))
     loaded = remoe_engine.load(source, memory_budget="64KiB", dtype=torch.float32, packed=out)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
