@@ -82,16 +82,16 @@ class ExpertsState:
         """The fused op on every pair of `pair_slots` (int64 [T, K] on the host, -1 = none):
         fp32 [T, H]."""
         up_name = "gate_up_proj" if experts.has_gate else "up_proj"
-        if self.pool.slot_format == "compressed":  # CPU only (SlotPool refuses it elsewhere)
+        if hidden.device.type != "cpu":
+            # A plain copy: non_blocking from pageable memory would sync the stream anyway.
+            pair_slots = pair_slots.to(hidden.device)
+        if self.pool.slot_format == "compressed":
             shape = self.pool.layout.tensor(up_name).shape
             up_rows = shape[1] if experts.is_transposed else shape[0]
             return ops.moe_experts_compressed(
                 hidden, pair_slots, top_k_weights, self.pool.buffer,
                 self.pool.compute_plan(up_name), up_rows, gate=self.gate)
         weights = self.pool.weights  # name -> [num_slots, *shape] views of the slot buffer
-        if hidden.device.type != "cpu":
-            # A plain copy: non_blocking from pageable memory would sync the stream anyway.
-            pair_slots = pair_slots.to(hidden.device)
         return ops.moe_experts(
             hidden, pair_slots, top_k_weights,
             weights[up_name], weights["down_proj"], gate=self.gate,

@@ -204,20 +204,19 @@ def _resolve_slot_format(slot_format: str, store, blocks: list[MoEBlock], device
     """What the pool's slots hold (load()'s `slot_format`), decided before the pool exists.
 
     Raises:
-        ValueError: "compressed" for a store that is not compressed or on a GPU.
+        ValueError: "compressed" for a store that is not compressed.
     """
     if store.compressed is None:
         if slot_format == "compressed":
             raise ValueError("slot_format='compressed': these experts are not compressed; pack "
                              "them with `remoe pack --quantize` or load an FP8 / MXFP4 checkpoint")
         return "dequantized"
-    if slot_format == "compressed" and device.type != "cpu":
-        raise ValueError("slot_format='compressed' computes on the CPU only; on a GPU each load "
-                         "is dequantized on the device (slot_format='dequantized')")
     if slot_format != "auto":
         return slot_format
-    # Compressed slots pay only where the fused op decodes them as it reads; the per-expert
-    # path would dequantize every expert on every use.
+    # Compressed slots pay only where the fused op decodes them as it reads (the CPU kernel,
+    # measured by bench/bench_quant_e2e.py); the per-expert path would dequantize every expert on
+    # every use, and the CUDA path (dequantize the routed blobs, then the dense op) has not run on
+    # a GPU yet, so it is opt-in there.
     fused = device.type == "cpu" and all(
         gate is not None for gate in _choose_kernels(blocks, device, experts_kernel)[0])
     return "compressed" if fused else "dequantized"
@@ -642,10 +641,12 @@ def load(path: str | os.PathLike, *, memory_budget: int | str | None = None,
         slot_format: for compressed experts (`remoe pack --quantize`, FP8 / MXFP4 checkpoints),
             what a pool slot holds: "compressed" (the blob: the budget holds as many more
             experts as the compression ratio, misses move only compressed bytes, and the fused
-            experts op decodes the codes as it reads them; CPU only), "dequantized" (the expert
-            in the compute dtype, dequantized on every load), or "auto" (default: compressed on
-            the CPU wherever the fused op computes every MoE layer, dequantized otherwise, as
-            measured by bench/bench_quant_e2e.py). `stats()["slot_format"]` says which runs.
+            experts op decodes the codes as it reads them; on CUDA it dequantizes the routed
+            blobs each call, opt-in until bench/gpu_check.sh has run it on a GPU), "dequantized"
+            (the expert in the compute dtype, dequantized on every load), or "auto" (default:
+            compressed on the CPU wherever the fused op computes every MoE layer, dequantized
+            otherwise, as measured by bench/bench_quant_e2e.py). `stats()["slot_format"]` says
+            which runs.
     Returns:
         the transformers model; `model.remoe` is its Handle.
 

@@ -147,9 +147,10 @@ class SlotPool:
         slot_format: for a compressed store, what a slot holds: "dequantized" (the expert in
             `dtype`, dequantized on every load) or "compressed" (the blob itself, so a budget
             holds as many more experts as the compression ratio; the reader checks its CRC32C and
-            that its scales are finite, and `ops.moe_experts_compressed` computes from it). CPU
-            only: on CUDA the copy engine dequantizes on the device. Ignored for a store that is
-            not compressed (its slots hold its tensors).
+            that its scales are finite, and `ops.moe_experts_compressed` computes from it: on
+            the CPU decoding the codes as it reads them, on CUDA dequantizing the routed blobs
+            for each call). Ignored for a store that is not compressed (its slots hold its
+            tensors).
     """
 
     def __init__(self, store: ExpertStore, device: str | torch.device = "cpu", *,
@@ -189,10 +190,6 @@ class SlotPool:
                              f"{slot_format!r}")
         if store.compressed is None:
             slot_format = "dequantized"  # nothing to keep compressed
-        elif slot_format == "compressed" and device.type != "cpu":
-            raise ValueError("SlotPool: compressed slots compute on the CPU only; on a GPU the "
-                             "copy engine dequantizes each load on the device "
-                             "(slot_format='dequantized')")
         self.slot_format = slot_format
         # The experts' tensors: the store's, or the same tensors in the compute dtype. A slot
         # holds them, or (compressed slots) the blob they are computed from.

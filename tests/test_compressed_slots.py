@@ -231,7 +231,7 @@ def test_a_budget_holds_more_compressed_experts(int4_pack):
     assert packed.stats()["slot_format"] == "compressed"
 
 
-def test_compressed_slots_are_refused_off_the_cpu_and_for_plain_stores(int4_pack):
+def test_bad_slot_formats_are_refused(int4_pack):
     model, ckpt, out = int4_pack
     with pytest.raises(ValueError, match="slot_format must be one of"):
         SlotPool(ExpertStore.from_packed(out), "cpu", slots_per_layer=2, slot_format="packed")
@@ -239,10 +239,6 @@ def test_compressed_slots_are_refused_off_the_cpu_and_for_plain_stores(int4_pack
         remoe_engine.load(ckpt, slots_per_layer=2, slot_format="compressed")
     with pytest.raises(ValueError, match="slot_format must be one of"):
         remoe_engine.load(ckpt, slots_per_layer=2, packed=out, slot_format="int4")
-    if torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CPU only"):
-            remoe_engine.load(ckpt, slots_per_layer=2, packed=out, slot_format="compressed",
-                              device="cuda")
 
 
 def test_corrupt_scale_in_a_compressed_slot_fails_the_load(tmp_path):
@@ -326,3 +322,51 @@ def test_per_expert_path_on_compressed_slots_dequantizes_on_use(int4_pack):
     auto = remoe_engine.load(ckpt, slots_per_layer=2, dtype=torch.float32, packed=out,
                              experts_kernel="loop")
     assert auto.remoe.stats()["slot_format"] == "dequantized"
+
+
+# ------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", ["int8", "int4:g32", "fp8", "mxfp4"])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_cuda_op_equals_the_cpu_op(scheme, tokens):
+    """The CUDA path (routed blobs dequantized on the device, then the dense op) against the CPU
+    kernel on the same blobs, and the float64 reference."""
+    gate = GATES["gpt-oss"]
+    blobs, layout, w, up_name = _blobs(scheme, gate, bias=True)
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(2))
+    slots, weights = _routing(tokens)
+    plan = layout.compute_plan(up_name)
+    cpu = ops.moe_experts_compressed(x, slots, weights, blobs, plan, 2 * I, gate=gate)
+    cuda = ops.moe_experts_compressed(x.cuda(), slots.cuda(), weights.cuda(), blobs.cuda(), plan,
+                                      2 * I, gate=gate)
+    torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cuda.cpu(), _reference(x, slots, weights, gate, w, up_name),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_load_with_compressed_slots_equals_the_cpu(int4_pack):
+    """A compressed pool on the GPU holds the blobs (more slots than dequantized ones) and gives
+    the CPU's logits and greedy tokens; "auto" stays dequantized on CUDA until validated."""
+    _, ckpt, out = int4_pack
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(4))
+    cpu = remoe_engine.load(ckpt, memory_budget="64KiB", dtype=torch.float32, packed=out,
+                            slot_format="compressed")
+    cuda = remoe_engine.load(ckpt, memory_budget="64KiB", dtype=torch.float32, packed=out,
+                             slot_format="compressed", experts_kernel="fused", device="cuda")
+    auto = remoe_engine.load(ckpt, memory_budget="64KiB", dtype=torch.float32, packed=out,
+                             device="cuda")
+    assert cuda.remoe.stats()["slot_format"] == "compressed"
+    assert auto.remoe.stats()["slot_format"] == "dequantized"
+    assert cuda.remoe.pool.num_slots > auto.remoe.pool.num_slots
+    with torch.no_grad():
+        want = cpu(ids).logits
+        got = cuda(ids.cuda()).logits.cpu()
+        loop = auto(ids.cuda()).logits.cpu()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loop, want, atol=1e-4, rtol=1e-4)
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(cuda.generate(ids.cuda(), **kwargs).cpu(), cpu.generate(ids, **kwargs))
+    assert cuda.remoe.stats()["misses"] > 0

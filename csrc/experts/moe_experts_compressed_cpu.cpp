@@ -39,13 +39,11 @@
 #include "../quant/dequant_math.h"
 #include "cpu_rows.h"
 #include "moe_experts.h"
+#include "moe_experts_compressed.h"
 
 namespace remoe {
 namespace {
 
-enum ComputeParam : int64_t { kParamUp = 0, kParamUpBias = 1, kParamDown = 2, kParamDownBias = 3 };
-constexpr int64_t kNumParams = 4;
-constexpr int64_t kComputeFields = 11;  // param, row0, then DequantPart's code/scale fields
 // Prefill dequantizes routed slots into a scratch of at most this many bytes at a time (or one
 // expert, if larger). The scratch is kept between calls (per calling thread): a fresh one would
 // be fresh pages, and faulting them in cost more than dequantizing into them.
@@ -59,80 +57,6 @@ uint8_t* scratch_of(int64_t bytes) {
     scratch.resize(bytes);
   }
   return scratch.data();
-}
-
-struct CompressedPlan {
-  std::vector<DequantPart> parts;  // destinations: a dense expert [up | up_bias | down | down_bias]
-  std::vector<int64_t> param, row0;
-  int64_t dense_elements = 0;
-  int64_t param_base[kNumParams] = {};  // element offset of each matrix in the dense expert
-  std::vector<int32_t> part_of_row[kNumParams];  // matrix row -> part
-  bool has[kNumParams] = {};
-};
-
-// Parses the plan against the op's shapes; TORCH_CHECK errors name the part that does not fit.
-// `dense_dtype` sets the scratch destinations (prefill) and, through parse_dequant_plan, checks
-// every part's codes and scales lie inside a `blob_bytes` blob.
-CompressedPlan parse_compute_plan(const at::Tensor& plan, const MoeExpertsParams& p,
-                                  int64_t blob_bytes, at::ScalarType dense_dtype) {
-  TORCH_CHECK(plan.dim() == 2 && plan.size(1) == kComputeFields && plan.size(0) >= 2 &&
-                  plan.scalar_type() == at::kLong && plan.device().is_cpu(),
-              "moe_experts_compressed: plan must be a CPU int64 [parts >= 2, ", kComputeFields,
-              "] tensor, got ", plan.scalar_type(), " ", plan.sizes(), " on ", plan.device());
-  const int64_t H = p.hidden, N = p.up_rows, I = p.ffn;
-  const int64_t rows_of[kNumParams] = {N, 1, H, 1};
-  const int64_t cols_of[kNumParams] = {H, N, I, H};
-  const char* names[kNumParams] = {"up", "up_bias", "down", "down_bias"};
-  CompressedPlan cp;
-  int64_t base = 0;
-  for (int64_t m = 0; m < kNumParams; ++m) {
-    cp.param_base[m] = base;
-    base += rows_of[m] * cols_of[m];
-  }
-  cp.dense_elements = base;
-  const at::Tensor t = plan.contiguous();
-  const int64_t n = t.size(0);
-  const int64_t* row = t.data_ptr<int64_t>();
-  const int64_t elem = c10::elementSize(dense_dtype);
-  at::Tensor dense_plan = at::empty({n, kDequantFields}, at::kLong);
-  int64_t* d = dense_plan.data_ptr<int64_t>();
-  std::vector<int64_t> covered[kNumParams];
-  for (int64_t m = 0; m < kNumParams; ++m) covered[m].assign(rows_of[m], -1);
-  for (int64_t i = 0; i < n; ++i, row += kComputeFields, d += kDequantFields) {
-    const int64_t m = row[0], r0 = row[1], rows = row[3], cols = row[4];
-    TORCH_CHECK(m >= 0 && m < kNumParams, "moe_experts_compressed: plan part ", i, " fills matrix ",
-                m, ", not one of 0 (up), 1 (up_bias), 2 (down), 3 (down_bias)");
-    TORCH_CHECK(rows >= 1 && r0 >= 0 && r0 + rows <= rows_of[m] && cols == cols_of[m],
-                "moe_experts_compressed: plan part ", i, " (", rows, " x ", cols, " at row ", r0,
-                ") does not fit ", names[m], " [", rows_of[m], ", ", cols_of[m], "]");
-    for (int64_t r = r0; r < r0 + rows; ++r) {
-      TORCH_CHECK(covered[m][r] < 0, "moe_experts_compressed: plan parts ", covered[m][r],
-                  " and ", i, " both fill row ", r, " of ", names[m]);
-      covered[m][r] = i;
-    }
-    cp.has[m] = true;
-    cp.param.push_back(m);
-    cp.row0.push_back(r0);
-    // code_kind, rows, cols, block_rows, block_cols, code_offset, scale_kind, scale_offset,
-    // zero_offset, then the dense destination (bytes, row stride, column stride).
-    for (int f = 0; f < 9; ++f) d[f] = row[2 + f];
-    d[9] = (cp.param_base[m] + r0 * cols) * elem;
-    d[10] = cols;
-    d[11] = 1;
-  }
-  TORCH_CHECK(cp.has[kParamUp] && cp.has[kParamDown], "moe_experts_compressed: the plan has no ",
-              cp.has[kParamUp] ? "down" : "up", " projection");
-  for (int64_t m = 0; m < kNumParams; ++m) {
-    if (!cp.has[m]) continue;
-    for (int64_t r = 0; r < rows_of[m]; ++r) {
-      TORCH_CHECK(covered[m][r] >= 0, "moe_experts_compressed: no plan part fills row ", r,
-                  " of ", names[m], " [", rows_of[m], ", ", cols_of[m], "]");
-    }
-    cp.part_of_row[m].assign(covered[m].begin(), covered[m].end());
-  }
-  cp.parts = parse_dequant_plan(dense_plan, blob_bytes, cp.dense_elements * elem, dense_dtype,
-                                nullptr);
-  return cp;
 }
 
 // ---- decoding 16 codes into fp32 lanes --------------------------------------------------------
@@ -476,18 +400,10 @@ at::Tensor moe_experts_compressed_cpu(const at::Tensor& hidden, const at::Tensor
                                       std::string_view gate, std::string_view activation,
                                       std::string_view clamp, double limit, double alpha,
                                       double up_offset) {
-  MoeExpertsParams p = check_routed_inputs(hidden, slots, route_weights, gate, activation, clamp,
-                                           limit, alpha, up_offset);
-  set_up_rows(p, up_rows);
-  TORCH_CHECK(blobs.dim() == 2 && blobs.scalar_type() == at::kByte && blobs.stride(1) == 1 &&
-                  blobs.device() == hidden.device(),
-              "moe_experts_compressed: blobs must be uint8 [slots, blob_bytes] on ",
-              hidden.device(), " with dense rows, got ", blobs.scalar_type(), " ", blobs.sizes(),
-              " strides ", blobs.strides(), " on ", blobs.device());
-  p.num_slots = blobs.size(0);
-  const CompressedPlan cp = parse_compute_plan(plan, p, blobs.size(1), hidden.scalar_type());
-  p.has_up_bias = cp.has[kParamUpBias];
-  p.has_down_bias = cp.has[kParamDownBias];
+  MoeExpertsParams p;
+  const CompressedPlan cp = check_compressed_inputs(hidden, slots, route_weights, blobs, plan,
+                                                    up_rows, gate, activation, clamp, limit,
+                                                    alpha, up_offset, &p);
   at::Tensor out = at::zeros({p.num_tokens, p.hidden}, hidden.options().dtype(at::kFloat));
   if (p.num_tokens == 0) return out;
   const at::Tensor slots_c = slots.contiguous();
