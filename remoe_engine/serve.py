@@ -190,11 +190,22 @@ class Engine:
             ("remoe_bytes_read_total", "counter", "expert bytes read from storage",
              stats.get("bytes_read", 0)),
             ("remoe_stall_seconds_total", "counter", "time compute waited for expert loads",
-             stats.get("stall_ns", 0) / 1e9),
+             stats.get("stall_s", 0.0)),
         ]
+        if hasattr(self.model, "remoe"):
+            pool = self.model.remoe.pool
+            kernel = self.model.remoe.experts_kernel.replace('"', "'")
+            labels = f'slot_format="{pool.slot_format}",experts_kernel="{kernel}"'
+            rows += [
+                ("remoe_pool_slots", "gauge", "expert slots in the pool", pool.num_slots),
+                ("remoe_pool_slot_bytes", "gauge", "bytes of one expert slot", pool.slot_bytes),
+                # An info metric: the labels carry the values.
+                ("remoe_pool_info{" + labels + "}", "gauge",
+                 "what the slots hold and what computes the experts", 1)]
         lines = []
         for name, kind, help_text, value in rows:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+            family = name.split("{", 1)[0]
+            lines += [f"# HELP {family} {help_text}", f"# TYPE {family} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"
 
 

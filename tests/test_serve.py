@@ -151,3 +151,36 @@ def test_metrics_are_prometheus_text(server, client):
     assert values["remoe_requests_total"] >= 1 and values["remoe_generated_tokens_total"] >= 4
     assert 0.0 <= values["remoe_hit_rate"] <= 1.0 and values["remoe_bytes_read_total"] > 0
     assert values["remoe_tpot_seconds_p50"] > 0
+
+
+def test_serve_command_serves_a_compressed_pack(tmp_path, monkeypatch):
+    """`remoe serve --packed FILE --slot-format compressed`: the command loads the int4 pack with
+    compressed slots and serves it (uvicorn.run replaced by an in-process client that asks for
+    one completion: everything but the socket)."""
+    from fastapi.testclient import TestClient
+
+    from remoe_engine import cli
+    from remoe_engine.store import ExpertStore
+
+    packed = ExpertStore.from_checkpoint(zoo.path("tiny")).pack(
+        tmp_path / "int4.remoe", progress=False, quantize="int4:g32")
+    seen = {}
+
+    def serve_once(app, host, port, log_level):
+        with TestClient(app) as client:
+            seen["completion"] = client.post("/v1/completions", json=dict(
+                model="tiny", prompt="def read_config(path):", max_tokens=4)).json()
+            seen["metrics"] = client.get("/metrics").text
+
+    monkeypatch.setattr(uvicorn, "run", serve_once)
+    assert cli.main(["serve", "--packed", str(packed), "--slot-format", "compressed",
+                     "--memory-budget", "1MiB", "--name", "tiny"]) == 0
+    assert seen["completion"]["choices"][0]["text"]
+    assert seen["completion"]["usage"]["completion_tokens"] == 4
+    metrics = dict(line.rsplit(" ", 1) for line in seen["metrics"].splitlines()
+                   if not line.startswith("#"))
+    assert metrics['remoe_pool_info{slot_format="compressed",experts_kernel="fused"}'] == "1"
+    assert int(metrics["remoe_pool_slot_bytes"]) < 48 * 1024  # an int4 blob, not a float32 slot
+    # The pool missed (1 MiB of 12), so compute waited for loads: the stall counter moves.
+    assert float(metrics["remoe_stall_seconds_total"]) > 0
+    assert cli.main(["serve", "--packed", str(tmp_path / "missing.remoe")]) == 2

@@ -35,6 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "resident: the pool's, which other requests change)")
     parser.add_argument("--router-delta", default=None,
                         help="a ReMoE router delta (.safetensors) to apply")
+    parser.add_argument("--packed", default=None, metavar="FILE",
+                        help="read the experts from this `remoe pack` file (e.g. written with "
+                        "--quantize int4:g64) instead of the checkpoint")
+    parser.add_argument("--slot-format", choices=["auto", "compressed", "dequantized"],
+                        default="auto",
+                        help="for compressed experts, what a pool slot holds: the compressed "
+                        "blob (more experts per budget; the CPU default) or the expert "
+                        "dequantized into float32 on every load")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
     parser.add_argument("--name", default=None,
                         help="the model id clients send (default: the folder's name)")
@@ -58,13 +66,16 @@ def run(args: argparse.Namespace) -> int:
     budget = memory_budget(args.memory_budget)
     if not 0 < args.port < 65536:
         raise CommandError(f"--port must be in [1, 65535], got {args.port}")
+    if args.packed is not None and not os.path.isfile(args.packed):
+        raise CommandError(f"--packed {args.packed}: no such file")
     print(f"remoe serve: loading {model_dir}", file=sys.stderr, flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = remoe_engine.load(model_dir, memory_budget=budget,
                                   slots_per_layer=args.slots_per_layer, policy=args.policy,
                                   reuse_bias=args.reuse_bias, bias_source=args.bias_source,
-                                  device=args.device, dtype=torch.float32)
+                                  device=args.device, dtype=torch.float32, packed=args.packed,
+                                  slot_format=args.slot_format)
         if args.router_delta:
             remoe_engine.apply_router_delta(model, args.router_delta)
     except (NotImplementedError, ValueError, OSError) as error:
