@@ -91,4 +91,38 @@ CompressedPlan check_compressed_inputs(const at::Tensor& hidden, const at::Tenso
   return cp;
 }
 
+std::vector<int64_t> routed_slots(const int64_t* slots, const MoeExpertsParams& p) {
+  std::vector<int64_t> used;
+  for (int64_t pair : pairs_by_slot(slots, p)) {  // sorted by slot
+    if (used.empty() || used.back() != slots[pair]) used.push_back(slots[pair]);
+  }
+  return used;
+}
+
+at::Tensor chunk_slot_ids(const at::Tensor& slots, const std::vector<int64_t>& used,
+                          int64_t begin, int64_t n, int64_t num_slots) {
+  std::vector<int64_t> local(num_slots, -1);
+  for (int64_t i = 0; i < n; ++i) local[used[begin + i]] = i;
+  at::Tensor ids = at::empty_like(slots);
+  const int64_t* s = slots.data_ptr<int64_t>();
+  int64_t* out = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i) out[i] = s[i] >= 0 ? local[s[i]] : -1;
+  return ids;
+}
+
+DenseExperts dense_views(const at::Tensor& scratch, const CompressedPlan& cp,
+                         const MoeExpertsParams& p) {
+  const int64_t n = scratch.size(0), H = p.hidden, N = p.up_rows, I = p.ffn;
+  const auto view = [&](int64_t m, std::vector<int64_t> shape) {
+    int64_t numel = 1;
+    for (int64_t d : shape) numel *= d;
+    shape.insert(shape.begin(), n);
+    return scratch.narrow(1, cp.param_base[m], numel).view(shape);
+  };
+  DenseExperts d{view(kParamUp, {N, H}), view(kParamDown, {H, I}), std::nullopt, std::nullopt};
+  if (cp.has[kParamUpBias]) d.up_bias = view(kParamUpBias, {N});
+  if (cp.has[kParamDownBias]) d.down_bias = view(kParamDownBias, {H});
+  return d;
+}
+
 }  // namespace remoe

@@ -6,6 +6,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/Optional.h>
+
 #include <cstdint>
 #include <string_view>
 #include <vector>
@@ -42,5 +44,26 @@ CompressedPlan check_compressed_inputs(const at::Tensor& hidden, const at::Tenso
                                        std::string_view gate, std::string_view activation,
                                        std::string_view clamp, double limit, double alpha,
                                        double up_offset, MoeExpertsParams* p);
+
+// Many tokens: the routed slots are dequantized into a scratch of dense experts (a chunk of them
+// at a time) and the dense op runs on the scratch. These are the steps both backends share.
+
+// The distinct slots the pairs of `slots` (host int64 [T, K], -1 = none) route to, ascending;
+// raises naming a slot id outside [-1, S).
+std::vector<int64_t> routed_slots(const int64_t* slots, const MoeExpertsParams& p);
+
+// `slots` (host int64 [T, K]) with the pairs of slots used[begin, begin + n) renumbered 0..n-1
+// (their place in the scratch) and every other pair -1.
+at::Tensor chunk_slot_ids(const at::Tensor& slots, const std::vector<int64_t>& used,
+                          int64_t begin, int64_t n, int64_t num_slots);
+
+// A scratch [n, dense_elements] of dense experts seen as the dense op's weights: up [n, N, H],
+// down [n, H, I] (rows, not transposed) and the biases [n, N], [n, H] where the plan has them.
+struct DenseExperts {
+  at::Tensor up, down;
+  std::optional<at::Tensor> up_bias, down_bias;
+};
+DenseExperts dense_views(const at::Tensor& scratch, const CompressedPlan& cp,
+                         const MoeExpertsParams& p);
 
 }  // namespace remoe

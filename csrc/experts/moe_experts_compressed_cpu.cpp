@@ -338,18 +338,11 @@ void few_tokens_compressed(const at::Tensor& hidden, const SlotGroups& g, const 
 void many_tokens_compressed(const at::Tensor& hidden, const at::Tensor& slots,
                             const at::Tensor& route_weights, const at::Tensor& blobs,
                             const CompressedPlan& cp, MoeExpertsParams p, at::Tensor& out) {
-  const int64_t* s = slots.data_ptr<int64_t>();
-  const std::vector<int64_t> order = pairs_by_slot(s, p);
-  std::vector<int64_t> used;  // distinct slots, ascending
-  for (int64_t pair : order) {
-    if (used.empty() || used.back() != s[pair]) used.push_back(s[pair]);
-  }
+  const std::vector<int64_t> used = routed_slots(slots.data_ptr<int64_t>(), p);
   const at::ScalarType dtype = hidden.scalar_type();
   const int64_t dense_bytes = cp.dense_elements * c10::elementSize(dtype);
   const int64_t chunk = std::max<int64_t>(1, kScratchBytes / dense_bytes);
-  const int64_t H = p.hidden, N = p.up_rows, I = p.ffn;
   const uint8_t* base = blobs.data_ptr<uint8_t>();
-  std::vector<int64_t> local(p.num_slots, -1);
   for (size_t c0 = 0; c0 < used.size(); c0 += chunk) {
     const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(used.size() - c0));
     uint8_t* dst = scratch_of(n * dense_bytes);
@@ -369,28 +362,12 @@ void many_tokens_compressed(const at::Tensor& hidden, const at::Tensor& slots,
       }
     });
     TORCH_CHECK(failure.empty(), "moe_experts_compressed: ", failure);
-    // The pairs of this chunk's slots, renumbered into the scratch; the others are -1 here.
-    for (int64_t i = 0; i < n; ++i) local[used[c0 + i]] = i;
-    at::Tensor chunk_slots = at::empty_like(slots);
-    int64_t* cs = chunk_slots.data_ptr<int64_t>();
-    for (int64_t i = 0; i < slots.numel(); ++i) cs[i] = s[i] >= 0 ? local[s[i]] : -1;
-    for (int64_t i = 0; i < n; ++i) local[used[c0 + i]] = -1;
-    const auto view = [&](int64_t m, std::vector<int64_t> shape) {
-      int64_t numel = 1;
-      for (int64_t d : shape) numel *= d;
-      shape.insert(shape.begin(), n);
-      return scratch.narrow(1, cp.param_base[m], numel).view(shape);
-    };
     MoeExpertsParams q = p;
     q.num_slots = n;
     q.transposed = false;
-    const std::optional<at::Tensor> up_bias =
-        cp.has[kParamUpBias] ? std::optional<at::Tensor>(view(kParamUpBias, {N})) : std::nullopt;
-    const std::optional<at::Tensor> down_bias =
-        cp.has[kParamDownBias] ? std::optional<at::Tensor>(view(kParamDownBias, {H}))
-                               : std::nullopt;
-    moe_experts_grouped(hidden, chunk_slots, route_weights, view(kParamUp, {N, H}), up_bias,
-                        view(kParamDown, {H, I}), down_bias, q, &apply_gate_cpu, out);
+    const DenseExperts d = dense_views(scratch, cp, p);
+    moe_experts_grouped(hidden, chunk_slot_ids(slots, used, c0, n, p.num_slots), route_weights,
+                        d.up, d.up_bias, d.down, d.down_bias, q, &apply_gate_cpu, out);
   }
 }
 

@@ -49,12 +49,7 @@ at::Tensor moe_experts_compressed_cuda(const at::Tensor& hidden, const at::Tenso
   if (p.num_tokens == 0) return out;
   // Host sync: which blobs to dequantize.
   const at::Tensor slots_cpu = slots.to(at::kCPU).contiguous();
-  const int64_t* s = slots_cpu.data_ptr<int64_t>();
-  const std::vector<int64_t> order = pairs_by_slot(s, p);  // checks every slot id
-  std::vector<int64_t> used;
-  for (int64_t pair : order) used.push_back(s[pair]);
-  std::sort(used.begin(), used.end());
-  used.erase(std::unique(used.begin(), used.end()), used.end());
+  const std::vector<int64_t> used = routed_slots(slots_cpu.data_ptr<int64_t>(), p);
   if (used.empty()) return out;
 
   const at::ScalarType dtype = hidden.scalar_type();
@@ -71,8 +66,6 @@ at::Tensor moe_experts_compressed_cuda(const at::Tensor& hidden, const at::Tenso
   static const auto dense_op = c10::Dispatcher::singleton()
                                    .findSchemaOrThrow("remoe::moe_experts", "")
                                    .typed<DenseOp>();
-  const int64_t H = p.hidden, N = p.up_rows, I = p.ffn;
-  std::vector<int64_t> local(p.num_slots, -1);
   for (size_t c0 = 0; c0 < used.size(); c0 += chunk) {
     const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(used.size() - c0));
     at::Tensor scratch = at::empty({n, cp.dense_elements}, hidden.options());
@@ -84,26 +77,10 @@ at::Tensor moe_experts_compressed_cuda(const at::Tensor& hidden, const at::Tenso
                         blobs.data_ptr<uint8_t>() + used[c0 + i] * blobs.stride(0),
                         dst + i * dense_bytes, dtype, stream);
     }
-    // The pairs of this chunk's slots, renumbered into the scratch; the others are -1 here.
-    for (int64_t i = 0; i < n; ++i) local[used[c0 + i]] = i;
-    at::Tensor chunk_slots = at::empty_like(slots_cpu);
-    int64_t* cs = chunk_slots.data_ptr<int64_t>();
-    for (int64_t i = 0; i < slots_cpu.numel(); ++i) cs[i] = s[i] >= 0 ? local[s[i]] : -1;
-    for (int64_t i = 0; i < n; ++i) local[used[c0 + i]] = -1;
-    const auto view = [&](int64_t m, std::vector<int64_t> shape) {
-      int64_t numel = 1;
-      for (int64_t d : shape) numel *= d;
-      shape.insert(shape.begin(), n);
-      return scratch.narrow(1, cp.param_base[m], numel).view(shape);
-    };
-    const std::optional<at::Tensor> up_bias =
-        cp.has[kParamUpBias] ? std::optional<at::Tensor>(view(kParamUpBias, {N})) : std::nullopt;
-    const std::optional<at::Tensor> down_bias =
-        cp.has[kParamDownBias] ? std::optional<at::Tensor>(view(kParamDownBias, {H}))
-                               : std::nullopt;
-    out.add_(dense_op.call(hidden, chunk_slots.to(hidden.device()), route_weights,
-                           view(kParamUp, {N, H}), up_bias, view(kParamDown, {H, I}), down_bias,
-                           gate, activation, clamp, limit, alpha, up_offset,
+    const DenseExperts d = dense_views(scratch, cp, p);
+    const at::Tensor ids = chunk_slot_ids(slots_cpu, used, c0, n, p.num_slots);
+    out.add_(dense_op.call(hidden, ids.to(hidden.device()), route_weights, d.up, d.up_bias,
+                           d.down, d.down_bias, gate, activation, clamp, limit, alpha, up_offset,
                            /*transposed=*/false));
   }
   return out;
