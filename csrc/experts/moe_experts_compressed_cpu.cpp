@@ -108,7 +108,7 @@ struct Uint4Codes {
 
 // float8_e4m3fn as fp8_e4m3fn_to_float computes it, 16 lanes at once: a normal number's exponent
 // and mantissa move into fp32's fields (bias 7 -> 127); a subnormal m * 2^-9 is made from the
-// normal 2^-7 (1 + m / 8) as (x - 2^-7) * 2, so no fp32 denormal is ever formed (those are slow,
+// normal 2^-7 (1 + m / 8) as 2x - 2^-6, so no fp32 denormal is ever formed (those are slow,
 // and zero under flush-to-zero); S.1111.111 is NaN.
 struct Fp8Codes {
   static constexpr int kBits = 8;
@@ -118,9 +118,9 @@ struct Fp8Codes {
     const Words w = __builtin_convertvector(__builtin_convertvector(b, UShorts), Words);
     const Words magnitude = w & 0x7F;
     Floats x = words_as_floats((magnitude << 20) + (120u << 23));
-    const Floats subnormal = (x - 0.0078125f) * 2.0f;
+    const Floats subnormal = x * 2.0f - 0.015625f;  // exact: one FMA
     const Floats nan = Floats{} + std::numeric_limits<float>::quiet_NaN();
-    x = (magnitude >> 3) == 0 ? subnormal : x;
+    x = magnitude < 8 ? subnormal : x;
     x = magnitude == 0x7F ? nan : x;
     Words bits;
     std::memcpy(&bits, &x, sizeof(bits));
