@@ -86,11 +86,9 @@ class ExpertsState:
             # A plain copy: non_blocking from pageable memory would sync the stream anyway.
             pair_slots = pair_slots.to(hidden.device)
         if self.pool.slot_format == "compressed":
-            shape = self.pool.layout.tensor(up_name).shape
-            up_rows = shape[1] if experts.is_transposed else shape[0]
-            return ops.moe_experts_compressed(
-                hidden, pair_slots, top_k_weights, self.pool.buffer,
-                self.pool.compute_plan(up_name), up_rows, gate=self.gate)
+            plan, up_rows = self.pool.compute_plan(up_name)
+            return ops.moe_experts_compressed(hidden, pair_slots, top_k_weights,
+                                              self.pool.buffer, plan, up_rows, gate=self.gate)
         weights = self.pool.weights  # name -> [num_slots, *shape] views of the slot buffer
         return ops.moe_experts(
             hidden, pair_slots, top_k_weights,

@@ -219,14 +219,16 @@ class SlotPool:
                               f"({num_slots * slot_bytes / 2**30:.2f} GiB) on {device}: lower "
                               "memory_budget or slots_per_layer") from None
         self._pool.set_layer_ids(list(store.layers))
+        # A compressed blob's dequantization into the compute dtype (None: not compressed).
+        self._dequant_plan = (None if store.compressed is None
+                              else store.compressed.plan(self.layout))
         if slot_format == "compressed":
             # Blobs land as they are; their scales are checked once, after the checksum.
-            self._pool.set_scale_check(store.compressed.plan(self.layout),
-                                       self.layout.slot_bytes, _dtype_name(dtype))
+            self._pool.set_scale_check(self._dequant_plan, self.layout.slot_bytes,
+                                       _dtype_name(dtype))
         elif store.compressed is not None:
             # Compressed experts: every load (file or host row) is dequantized into its slot.
-            self._pool.set_dequant(store.compressed.plan(self.layout), store.blob_bytes,
-                                   _dtype_name(dtype))
+            self._pool.set_dequant(self._dequant_plan, store.blob_bytes, _dtype_name(dtype))
         if store.tier == "host":
             self._pool.set_host_sources(store.host_blobs)
         else:
@@ -245,11 +247,13 @@ class SlotPool:
             if checks is not None:
                 self._pool.set_checksums(checks)
         self._pool.set_verify(bool(verify_checksums))
+        # The slot buffer never moves: one tensor over it, made once.
+        self._buffer = self._pool.buffer()
         # name -> [num_slots, *shape] views of the slot buffer (no copies); none when the slots
         # hold compressed blobs (`slot_tensors` dequantizes one, `compute_plan` computes on all).
         self.weights: dict[str, torch.Tensor] = (
-            {} if slot_format == "compressed" else self.layout.views(self._pool.buffer()))
-        self._compute_plans: dict[str, torch.Tensor] = {}
+            {} if slot_format == "compressed" else self.layout.views(self._buffer))
+        self._compute_plans: dict[str, tuple[torch.Tensor, int]] = {}
 
     def __repr__(self) -> str:
         scope = (f"{self.scope_slots} slots/layer" if self.slots_per_layer
@@ -292,7 +296,7 @@ class SlotPool:
     @property
     def buffer(self) -> torch.Tensor:
         """The slot buffer, uint8 [num_slots, slot_bytes] on `device`."""
-        return self._pool.buffer()
+        return self._buffer
 
     # --- the hot path -------------------------------------------------------------------------
 
@@ -369,15 +373,18 @@ class SlotPool:
         of the slot, or for compressed slots a dequantized copy of its blob, valid only while
         the slot is pinned (the pool may load another expert into it after)."""
         if self.slot_format == "compressed":
-            dense = ops.dequantize(self.buffer[slot], self.store.compressed.plan(self.layout),
-                                   self.dtype, self.layout.slot_bytes)
+            dense = ops.dequantize(self._buffer[slot], self._dequant_plan, self.dtype,
+                                   self.layout.slot_bytes)
             return self.layout.views(dense)
         return {name: view[slot] for name, view in self.weights.items()}
 
-    def compute_plan(self, up_name: str) -> torch.Tensor:
-        """`ops.moe_experts_compressed`'s plan for these compressed slots (made once)."""
+    def compute_plan(self, up_name: str) -> tuple[torch.Tensor, int]:
+        """`ops.moe_experts_compressed`'s plan for these compressed slots and the up
+        projection's rows N (made once)."""
         if up_name not in self._compute_plans:
-            self._compute_plans[up_name] = self.store.compressed.compute_plan(up_name)
+            layout = self.store.compressed
+            self._compute_plans[up_name] = (layout.compute_plan(up_name),
+                                            layout.matrix_rows(up_name))
         return self._compute_plans[up_name]
 
     # --- inspection -----------------------------------------------------------------------------

@@ -150,6 +150,10 @@ class QuantLayout:
                          p.zero_offset))
         return torch.tensor(rows, dtype=torch.int64).view(-1, 11)
 
+    def matrix_rows(self, param: str) -> int:
+        """Rows of slot tensor `param` seen [out, in] (what its parts fill together)."""
+        return sum(p.rows for p in self.parts if p.param == param)
+
     def check_covers(self, slot) -> None:
         """Every slot tensor is filled exactly once, row by row, by parts of its own width.
 
