@@ -183,6 +183,18 @@ SlotGroups group_by_slot(const at::Tensor& slots, const at::Tensor& route_weight
   return g;
 }
 
+// Each pair's token row of hidden [T, H] in fp32, in group order ([P, H]), so a group's tokens
+// are one strided block for the row kernels.
+std::vector<float> pair_rows(const at::Tensor& hidden, const SlotGroups& g) {
+  const int64_t P = static_cast<int64_t>(g.token.size()), H = hidden.size(1);
+  const at::Tensor x = hidden.to(at::kFloat).contiguous();
+  std::vector<float> xg(P * H);
+  for (int64_t q = 0; q < P; ++q) {
+    std::memcpy(xg.data() + q * H, x.data_ptr<float>() + g.token[q] * H, H * sizeof(float));
+  }
+  return xg;
+}
+
 int64_t grain_for(int64_t macs_per_item) {
   return std::max<int64_t>(1, kMinMacsPerTask / std::max<int64_t>(1, macs_per_item));
 }

@@ -271,11 +271,7 @@ void few_tokens_compressed(const at::Tensor& hidden, const SlotGroups& g, const 
   const int64_t P = static_cast<int64_t>(g.token.size());
   if (P == 0) return;
   const int64_t H = p.hidden, I = p.ffn;
-  const at::Tensor x = hidden.to(at::kFloat).contiguous();
-  std::vector<float> xg(P * H);
-  for (int64_t q = 0; q < P; ++q) {
-    std::memcpy(xg.data() + q * H, x.data_ptr<float>() + g.token[q] * H, H * sizeof(float));
-  }
+  const std::vector<float> xg = pair_rows(hidden, g);
   const uint8_t* base = blobs.data_ptr<uint8_t>();
   const int64_t blob_stride = blobs.stride(0);
   const BlobRows rows{cp};

@@ -159,13 +159,7 @@ void few_tokens(const at::Tensor& hidden, const SlotGroups& g, const at::Tensor&
                 at::Tensor& out) {
   const int64_t P = static_cast<int64_t>(g.token.size());
   if (P == 0) return;
-  // Each pair's token row in fp32, in group order, so a group's tokens are one strided block.
-  const at::Tensor x = hidden.to(at::kFloat).contiguous();
-  std::vector<float> xg(P * p.hidden);
-  for (int64_t q = 0; q < P; ++q) {
-    std::memcpy(xg.data() + q * p.hidden, x.data_ptr<float>() + g.token[q] * p.hidden,
-                p.hidden * sizeof(float));
-  }
+  const std::vector<float> xg = pair_rows(hidden, g);
   std::vector<float> A(P * p.ffn);
   const W* up_bias_ptr = up_bias ? up_bias->data_ptr<W>() : nullptr;
   const W* down_bias_ptr = down_bias ? down_bias->data_ptr<W>() : nullptr;
